@@ -1,0 +1,454 @@
+"""Mixture of LoRA experts on a frozen base: stacked experts, per-block routing hook, save/load, merge.
+
+    h' = W h + b + sum_i w_i * s_i * B_i A_i drop(h)        s_i = alpha_i / r_i  (rsLoRA: alpha_i / sqrt(r_i))
+
+Expert i has rank r_i; A_i (r_i, in) is Kaiming-uniform (a = sqrt 5) and B_i (out, r_i) zero, so at step 0 the output
+is the base output exactly. All experts are stacked, A_all (sum r, in) and B_all (out, sum r), and the mix is two
+matmuls whatever the ranks: h' = W h + b + ((drop(h) A_all^T) * g) B_all^T, with the gate g over the rank slots =
+w_i * s_i repeated r_i times. w is per sequence (B, E) or per token (B, T, E). Adapters and routers are fp32 over an
+fp32 or bf16 base; the output keeps the base dtype.
+
+attach(model, cfg) wraps the chosen projections of the chosen layers (MoELoRALinear subclasses nn.Linear and keeps the
+base `weight`/`bias`, so HF parameter names are unchanged) and sets each block's `adapter_hook` to a MoEHook: at block
+entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
+(not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
+linears. A shared expert is either always on (weight 1, outside the router) or routed, per config.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from router import LearnedRouter, RouterConfig, TaskRouter
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+TARGETS = ATTN_TARGETS + MLP_TARGETS
+METADATA_KEY = "unimoer.moe_lora"  # safetensors string metadata: the MoELoRAConfig as JSON
+SHARED_WEIGHTS = "moe_lora.weights"  # ctx.shared key of the once-per-sequence router's weights
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class ExpertSpec:
+    name: str
+    r: int = 8
+    alpha: float = 16.0
+
+
+def _default_experts():
+    return [ExpertSpec("embed", 8, 16.0), ExpertSpec("rerank", 8, 16.0), ExpertSpec("shared", 16, 32.0)]
+
+
+@dataclass
+class MoELoRAConfig:
+    """Which experts go where and how they are routed. Plain types only: filled 1:1 from YAML by train.py."""
+    experts: list = field(default_factory=_default_experts)  # ExpertSpec or {"name", "r", "alpha"} dicts
+    targets: list = field(default_factory=lambda: list(TARGETS))  # "q_proj" ... or short "q", "gate", ...
+    layers: Optional[list] = None  # layer indices; None = every layer
+    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    dropout: float = 0.0  # on A's input, training only
+    shared: Optional[str] = "always"  # "always": shared expert outside the router, weight 1 | "routed" | None
+    shared_expert: str = "shared"  # its name among `experts` (when shared is not None)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self):
+        if isinstance(self.experts, list):
+            self.experts = [_from_dict(ExpertSpec, e, f"moe_lora.experts[{i}]") if isinstance(e, dict) else e
+                            for i, e in enumerate(self.experts)]
+        if isinstance(self.router, dict):
+            self.router = _from_dict(RouterConfig, self.router, "router")
+        self.targets = [t if t.endswith("_proj") else f"{t}_proj" for t in self.targets] \
+            if isinstance(self.targets, list) else self.targets
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoELoRAConfig":
+        return _from_dict(cls, d, "moe_lora")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def routed_experts(self) -> list:
+        """Names of the experts the router weighs, in config order (all but an always-on shared expert)."""
+        return [e.name for e in self.experts if not (self.shared == "always" and e.name == self.shared_expert)]
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"moe_lora.{name}: {why} (got {getattr(self, name)!r})")
+
+        if not isinstance(self.experts, list) or not self.experts:
+            bad("experts", "must be a non-empty list of {name, r, alpha}")
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            bad("experts", "names must be distinct non-empty strings")
+        for e in self.experts:
+            if not isinstance(e.r, int) or e.r < 1 or not e.alpha > 0:
+                bad("experts", f"expert {e.name!r}: r must be an int >= 1 and alpha > 0")
+        if not isinstance(self.targets, list) or not self.targets or any(t not in TARGETS for t in self.targets) \
+                or len(set(self.targets)) != len(self.targets):
+            bad("targets", f"must be distinct names among {', '.join(TARGETS)} (or q, k, v, o, gate, up, down)")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers
+                                        or any(not isinstance(i, int) for i in self.layers)
+                                        or len(set(self.layers)) != len(self.layers)):
+            bad("layers", "must be None or a non-empty list of distinct layer indices")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1)")
+        if self.shared not in (None, "always", "routed"):
+            bad("shared", "must be 'always', 'routed' or null")
+        if self.shared is not None and self.shared_expert not in names:
+            bad("shared_expert", f"must name one of the experts {names}")
+        self.router.validate()
+        rc, routed = self.router, self.routed_experts
+        if rc.kind == "task":
+            for task, exps in rc.task_experts.items():
+                unknown = [n for n in exps if n not in routed]
+                if unknown:
+                    raise ValueError(f"router.task_experts: task {task!r} lists {unknown}, not among the routed experts "
+                                     f"{routed}" + (" (an always-on shared expert is added by itself)"
+                                                    if self.shared == "always" else ""))
+
+
+def _from_dict(cls, d: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def expert_scale(e: ExpertSpec, rslora: bool) -> float:
+    return e.alpha / (math.sqrt(e.r) if rslora else e.r)
+
+
+# --------------------------------------------------------------------------------------------- the linear
+class MoELoRALinear(nn.Linear):
+    """A frozen nn.Linear plus stacked LoRA experts, mixed by a gate over their rank slots:
+
+        y = W x + b + ((drop(x) A^T) * g) B^T = W x + b + sum_i w_i s_i B_i A_i drop(x)
+        A = [A_1; ...; A_E] (R, in), B = [B_1, ..., B_E] (out, R), R = sum r_i, g = (w_i s_i repeated r_i times)
+    g (`gate`, fp32): (R,), (B, 1, R) per sequence or (B, T, R) per token, set before each forward by the MoEHook.
+    weight/bias are the base's own frozen Parameters; lora_A/lora_B are fp32; the output keeps the base dtype.
+    """
+
+    def __init__(self, base: nn.Linear, experts: list, rslora: bool = False, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)  # the same Parameters: names and storage unchanged
+        self.register_parameter("bias", base.bias)
+        dev = base.weight.device
+        ranks = [e.r for e in experts]
+        R = sum(ranks)
+        self.expert_names = [e.name for e in experts]
+        self.lora_A = nn.Parameter(torch.empty(R, self.in_features, dtype=torch.float32, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, R, dtype=torch.float32, device=dev))
+        self.offsets = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
+        for i in range(len(experts)):  # per expert, as nn.Linear(in, r_i) would: fan_in = in
+            nn.init.kaiming_uniform_(self.lora_A[self.offsets[i]:self.offsets[i + 1]], a=math.sqrt(5))
+        slot_expert = torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
+        slot_scale = torch.tensor([expert_scale(e, rslora) for e in experts]).repeat_interleave(torch.tensor(ranks))
+        self.register_buffer("slot_expert", slot_expert.to(dev), persistent=False)
+        self.register_buffer("slot_scale", slot_scale.float().to(dev), persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate: Optional[torch.Tensor] = None
+        self.merged_gate: Optional[torch.Tensor] = None  # (R,) while merged into weight
+
+    def expert_slice(self, name: str) -> slice:
+        i = self.expert_names.index(name)
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def gate_from_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """Expert weights (..., E) -> rank-slot gate (..., R) = w_i * s_i repeated r_i times."""
+        return w.float()[..., self.slot_expert] * self.slot_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # 2-D throughout: the in-place add below then needs no view tracking
+        y = F.linear(x2, self.weight, self.bias)  # (N, out), base dtype
+        if self.merged_gate is not None:  # the fixed mix is inside weight
+            return y.view(*lead, self.out_features)
+        if self.gate is None:
+            raise RuntimeError("MoELoRALinear: no routing gate set; call it through the model (the block's MoEHook "
+                               "sets it) or assign .gate")
+        h = x2 if x2.dtype == torch.float32 else x2.float()
+        R = self.lora_A.shape[0]
+        u = (F.linear(self.dropout(h), self.lora_A).view(*lead, R) * self.gate).reshape(-1, R)  # (N, R), gated
+        if y.dtype == torch.float32:
+            y.addmm_(u, self.lora_B.t())  # base + delta in place: no second (N, out) tensor
+        else:
+            y += F.linear(u, self.lora_B).to(y.dtype)
+        return y.view(*lead, self.out_features)
+
+    @torch.no_grad()
+    def delta_weight(self, gate: torch.Tensor) -> torch.Tensor:
+        """(out, in) fp32 = sum_i g-weighted B_i A_i for a fixed slot gate (R,)."""
+        return (self.lora_B * gate) @ self.lora_A
+
+    @torch.no_grad()
+    def merge(self, w: torch.Tensor) -> None:
+        """Fold fixed expert weights w (E,) into `weight`, computed in fp32 (then cast to the base dtype)."""
+        if self.merged_gate is not None:
+            raise RuntimeError("MoELoRALinear: already merged; unmerge first")
+        gate = self.gate_from_weights(w.to(self.slot_scale.device))
+        self.weight.copy_(self.weight.float() + self.delta_weight(gate))
+        self.merged_gate = gate
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged delta, in fp32 (exact up to fp32 rounding; a bf16 base also re-rounds to bf16)."""
+        if self.merged_gate is None:
+            raise RuntimeError("MoELoRALinear: not merged")
+        self.weight.copy_(self.weight.float() - self.delta_weight(self.merged_gate))
+        self.merged_gate = None
+
+    def extra_repr(self) -> str:
+        ranks = [self.offsets[i + 1] - self.offsets[i] for i in range(len(self.expert_names))]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"experts={dict(zip(self.expert_names, ranks))}")
+
+
+# --------------------------------------------------------------------------------------------- the block hook
+class MoEHook(nn.Module):
+    """Block-entry hook: routing weights from the block input -> gate on this block's MoE linears.
+
+    router: LearnedRouter/TaskRouter over the routed experts, or None (no routed experts; or this layer reads the
+    once-per-sequence weights that the first adapted layer publishes in ctx.shared).
+    The gate is one small matmul: g = w M^T + c, where M (R, E_routed) holds s_i at (slot of expert i, i) and c (R,)
+    holds s_i on the slots of always-on experts (their weight is 1), 0 elsewhere. Every product but one per slot is
+    with an exact 0, so g equals w_i * s_i exactly.
+    """
+
+    def __init__(self, layer_idx: int, linears: list, router: Optional[nn.Module], publish: bool,
+                 slot_map: torch.Tensor, slot_const: torch.Tensor, expert_map: torch.Tensor,
+                 expert_const: torch.Tensor):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.linears = tuple(linears)  # a plain tuple: the linears stay registered under their own blocks only
+        self.router = router
+        self.n_routed = slot_map.shape[1]
+        self.publish = publish
+        self.register_buffer("slot_map", slot_map, persistent=False)  # (R, E_routed)
+        self.register_buffer("slot_const", slot_const, persistent=False)  # (R,)
+        self.register_buffer("expert_map", expert_map, persistent=False)  # (E, E_routed): for capture
+        self.register_buffer("expert_const", expert_const, persistent=False)  # (E,)
+
+    def forward(self, x: torch.Tensor, ctx) -> None:
+        if self.linears[0].merged_gate is not None:  # fixed weights merged into the base: nothing to route
+            return
+        if self.router is not None:
+            w, aux = self.router(x, ctx)
+            for name, value in aux.items():
+                ctx.add_aux(name, value)  # a no-op on checkpoint recompute (ctx.done)
+            if self.publish and not ctx.done:
+                ctx.shared[SHARED_WEIGHTS] = w
+        elif self.n_routed:
+            w = ctx.shared.get(SHARED_WEIGHTS)
+            if w is None:
+                raise RuntimeError(f"layer {self.layer_idx}: once-per-sequence routing weights missing from ctx.shared")
+        else:
+            w = None  # only always-on experts: a constant gate
+        if w is None:
+            gate = self.slot_const.view(1, 1, -1)
+        else:
+            gate = F.linear(w, self.slot_map, self.slot_const)  # (B, R) or (B, T, R)
+            if gate.dim() == 2:
+                gate = gate[:, None, :]  # per sequence: broadcast over tokens
+        for lin in self.linears:
+            lin.gate = gate
+        if ctx.capture and not ctx.done:
+            full = self.expert_const.expand(x.shape[0], -1).clone() if w is None else \
+                F.linear(w.detach(), self.expert_map, self.expert_const)  # (B, E) or (B, T, E), config order
+            ctx.routing.append((self.layer_idx, full))
+
+
+# --------------------------------------------------------------------------------------------- attach / detach
+def _linears(model) -> list:
+    return [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+
+
+def get_config(model) -> MoELoRAConfig:
+    cfg = getattr(model, "moe_lora_config", None)
+    if cfg is None:
+        raise ValueError("the model carries no MoE-LoRA experts (call moe_lora.attach first)")
+    return cfg
+
+
+def attach(model, cfg: MoELoRAConfig):
+    """Wrap cfg.targets in cfg.layers of `model` (a model.CausalLM) with experts and routers, in place.
+
+    The base is frozen (requires_grad False); only the experts' lora_A/lora_B and the routers' tensors train.
+    """
+    if getattr(model, "moe_lora_config", None) is not None:
+        raise ValueError("the model already carries MoE-LoRA experts (detach first)")
+    cfg.validate()
+    n_layers = model.config.num_hidden_layers
+    layers = sorted(cfg.layers) if cfg.layers is not None else list(range(n_layers))
+    if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"moe_lora.layers: indices must be in [0, {n_layers}) (got {cfg.layers!r})")
+    model.requires_grad_(False)
+
+    rc, experts, routed = cfg.router, cfg.experts, cfg.routed_experts
+    # Routing weights w (..., E_routed) -> full expert weights w M_e^T + c_e (E,) -> slot gate (R,) (see MoEHook).
+    expert_map = torch.zeros(len(experts), len(routed))
+    expert_const = torch.zeros(len(experts))
+    for i, e in enumerate(experts):
+        if e.name in routed:
+            expert_map[i, routed.index(e.name)] = 1.0
+        else:
+            expert_const[i] = 1.0
+    ranks = torch.tensor([e.r for e in experts])
+    scale = torch.tensor([expert_scale(e, cfg.rslora) for e in experts], dtype=torch.float32)
+    slot_map = (expert_map * scale[:, None]).repeat_interleave(ranks, dim=0)  # (R, E_routed)
+    slot_const = (expert_const * scale).repeat_interleave(ranks)  # (R,)
+    table = torch.zeros(len(rc.tasks), len(routed))
+    if rc.kind == "task":
+        for t, task in enumerate(rc.tasks):
+            for name in rc.task_experts[task]:
+                table[t, routed.index(name)] = 1.0
+
+    for n, li in enumerate(layers):
+        block = model.model.layers[li]
+        linears = []
+        for t in cfg.targets:
+            parent = block.self_attn if t in ATTN_TARGETS else block.mlp
+            lin = MoELoRALinear(getattr(parent, t), experts, cfg.rslora, cfg.dropout)
+            setattr(parent, t, lin)
+            linears.append(lin)
+        dev = linears[0].weight.device
+        router = None
+        if routed and rc.kind == "task":
+            router = TaskRouter(table)
+        elif routed and (rc.per_layer or n == 0):
+            router = LearnedRouter(model.config.hidden_size, len(routed), rc)
+        if router is not None:
+            router.to(dev)
+        publish = bool(routed) and n == 0 and rc.kind == "learned" and not rc.per_layer
+        block.adapter_hook = MoEHook(li, linears, router, publish, slot_map.to(dev), slot_const.to(dev),
+                                     expert_map.to(dev), expert_const.to(dev))
+    model.moe_lora_config = cfg
+    return model
+
+
+def detach(model):
+    """Remove the experts (unmerging first if merged): the plain backbone with its original nn.Linear modules."""
+    get_config(model)
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, MoELoRALinear):
+                    if child.merged_gate is not None:
+                        child.unmerge()
+                    lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                    lin.weight, lin.bias = child.weight, child.bias
+                    setattr(parent, name, lin)
+        block.adapter_hook = None
+    model.moe_lora_config = None
+    return model
+
+
+def clear_routing(model) -> None:
+    """Drop the gates left on the linears by the last forward (they reference its router graph)."""
+    for lin in _linears(model):
+        lin.gate = None
+
+
+def adapter_state_dict(model) -> dict:
+    """{name: tensor} of everything trainable that attach added: experts' lora_A/lora_B and routers' tensors."""
+    get_config(model)
+    sd = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoELoRALinear):
+            sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = mod.lora_A, mod.lora_B
+        elif isinstance(mod, MoEHook):
+            sd.update({f"{name}.{k}": v for k, v in mod.state_dict(keep_vars=True).items()})
+    return sd
+
+
+def adapter_parameters(model) -> list:
+    """The trainable parameters (for the optimizer)."""
+    return [p for p in adapter_state_dict(model).values() if isinstance(p, nn.Parameter)]
+
+
+# --------------------------------------------------------------------------------------------- save / load
+def save_adapters(model, path: str) -> None:
+    """Write the adapter tensors to a safetensors file, the MoELoRAConfig as JSON in its string metadata."""
+    from safetensors.torch import save_file
+
+    cfg = get_config(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, path, metadata={"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())})
+
+
+def load_adapters(model, path: str) -> MoELoRAConfig:
+    """Rebuild the experts and routers from the file's spec, attach them to `model` and load their tensors.
+
+    The model may be plain (attach is done here) or already carry experts with the very same spec. Keys and shapes
+    are checked strictly; errors name the file.
+    """
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: adapter file not found")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if METADATA_KEY not in meta:
+            raise ValueError(f"{path}: not a MoE-LoRA adapter file (no {METADATA_KEY!r} metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        cfg = MoELoRAConfig.from_dict(json.loads(meta[METADATA_KEY]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: invalid MoE-LoRA spec in metadata: {e}") from None
+    current = getattr(model, "moe_lora_config", None)
+    if current is None:
+        attach(model, cfg)
+    elif current.to_dict() != cfg.to_dict():
+        raise ValueError(f"{path}: the model already carries experts with a different spec; load into a plain model")
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter keys do not match the spec in its metadata; missing: {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}; unexpected: {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if t.shape != expected[k].shape:
+                raise ValueError(f"{path}: tensor {k!r} has shape {list(t.shape)}, the model expects "
+                                 f"{list(expected[k].shape)}")
+            expected[k].copy_(t)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- merge
+def fixed_weights(cfg: MoELoRAConfig, routing: Union[str, dict]) -> torch.Tensor:
+    """(E,) fp32 expert weights for a task name (its task_experts, weight 1) or {expert name: weight}; an
+    always-on shared expert gets 1."""
+    routed = cfg.routed_experts
+    if isinstance(routing, str):
+        if routing not in cfg.router.task_experts:
+            raise ValueError(f"merge: unknown task {routing!r}; router.task_experts has {list(cfg.router.task_experts)}")
+        routing = {name: 1.0 for name in cfg.router.task_experts[routing]}
+    unknown = [n for n in routing if n not in routed]
+    if unknown:
+        raise ValueError(f"merge: {unknown} are not routed experts {routed}")
+    return torch.tensor([1.0 if e.name not in routed else float(routing.get(e.name, 0.0)) for e in cfg.experts])
+
+
+def merge(model, routing: Union[str, dict]) -> None:
+    """Fold fixed weights (hard routing at deployment) into the base weights, in fp32; routing is then skipped."""
+    w = fixed_weights(get_config(model), routing)
+    for lin in _linears(model):
+        lin.merge(w)
+
+
+def unmerge(model) -> None:
+    get_config(model)
+    for lin in _linears(model):
+        lin.unmerge()

@@ -1,0 +1,446 @@
+"""Routing for the MoE-LoRA experts: pure routing functions, auxiliary losses, and the router modules.
+
+Routing functions map scores z (..., E) to expert weights on the last dim. They are pure, differentiable and
+computed in at least fp32: a half or bf16 input is upcast and the result is returned in fp32 (a float64 input
+stays float64, which is what gradcheck needs). Names and references:
+
+    softmax(z)                dense
+    topk_softmax(z, k)        softmax over the k largest scores, 0 elsewhere (Shazeer et al. 2017)
+    sparsemax(z)              Euclidean projection onto the simplex (Martins & Astudillo 2016)
+    sparsegen_lin(z, lam)     sparsemax(z / (1 - lam)), lam < 1 (Laha et al. 2018; LD-MoLE predicts lam)
+    entmax15(z)               1.5-entmax, exact sort-based (Peters et al. 2019)
+    entmax_bisect(z, alpha)   alpha-entmax by bisection for any alpha > 1
+    dynmole_hybrid(z, ...)    DynMoLE: normalised Tsallis entropy (q = 1.1) above a threshold -> all experts,
+                              else top-p with at least top-k; the softmax weights are NOT renormalised
+
+Auxiliary losses (each a scalar, padding excluded by an optional mask): switch_load_balance (N * sum_i f_i P_i),
+z_loss (mean logsumexp^2), entropy (mean Shannon entropy of the routing distribution). A LearnedRouter computes the
+ones its config lists whenever grad is enabled (training; also on a checkpoint recompute, which must replay the same
+ops) and skips them under no_grad.
+
+Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
+one-hot, or multi-hot) and LearnedRouter (linear or prototype-similarity scores on the pooled or per-token block
+input, optional task embedding, LD-MoLE lambda predictor, training-only jitter and temperature).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTING_FNS = ("softmax", "topk", "sparsemax", "sparsegen", "entmax15", "entmax_bisect", "dynmole")
+AUX_LOSSES = ("load_balance", "z_loss", "entropy")
+
+
+def _up(z: torch.Tensor) -> torch.Tensor:
+    """Upcast to the compute dtype: fp32, or float64 when given float64."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------- routing functions
+def softmax(z: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_up(z), dim=-1)
+
+
+def topk_softmax(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Softmax over the k largest scores, zeros elsewhere (ties broken by torch.topk)."""
+    z = _up(z)
+    if k >= z.shape[-1]:
+        return torch.softmax(z, dim=-1)
+    vals, idx = z.topk(k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, idx, torch.softmax(vals, dim=-1))
+
+
+class _Sparsemax(torch.autograd.Function):
+    """p = max(z - tau, 0) with tau such that sum p = 1; Jacobian diag(s) - s s^T / |S| on the support S."""
+
+    @staticmethod
+    def forward(ctx, z):
+        zs = z.sort(dim=-1, descending=True).values
+        cums = zs.cumsum(-1) - 1
+        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        k = (rho * zs > cums).sum(-1, keepdim=True)  # support size, >= 1 (the largest score is always in)
+        tau = cums.gather(-1, k - 1) / k
+        p = (z - tau).clamp(min=0)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        s = (p > 0).to(g.dtype)
+        v = (g * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True)
+        return (g - v) * s
+
+
+def sparsemax(z: torch.Tensor) -> torch.Tensor:
+    return _Sparsemax.apply(_up(z))
+
+
+def sparsegen_lin(z: torch.Tensor, lam) -> torch.Tensor:
+    """Sparsegen-lin = sparsemax(z / (1 - lam)); lam < 1, a float or a tensor broadcastable to z (..., 1).
+
+    lam -> 1 gives one-hot, lam = 0 sparsemax, lam -> -inf uniform. Differentiable in z and in a tensor lam.
+    """
+    if not torch.is_tensor(lam) and lam >= 1:
+        raise ValueError(f"sparsegen_lin: lam must be < 1, got {lam}")
+    z = _up(z)
+    return sparsemax(z / (1 - (lam.to(z.dtype) if torch.is_tensor(lam) else lam)))
+
+
+class _Entmax15(torch.autograd.Function):
+    """p = max(z/2 - tau, 0)^2, exact: for each candidate support size k (scores sorted) tau solves
+    sum_{j<=k} (x_j - tau)^2 = 1 with x = z/2; the support is the largest k with tau_k <= x_k."""
+
+    @staticmethod
+    def forward(ctx, z):
+        x = z / 2
+        x = x - x.max(dim=-1, keepdim=True).values  # shift-invariant; keeps the squares small
+        xs = x.sort(dim=-1, descending=True).values
+        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        mean = xs.cumsum(-1) / rho
+        mean_sq = (xs * xs).cumsum(-1) / rho
+        ss = rho * (mean_sq - mean * mean)  # sum of squared deviations of the top k
+        tau = mean - ((1 - ss) / rho).clamp(min=0).sqrt()
+        k = (tau <= xs).sum(-1, keepdim=True)
+        p = (x - tau.gather(-1, k - 1)).clamp(min=0).square()
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return _entmax_vjp(p, g, 1.5)
+
+
+def _entmax_vjp(p: torch.Tensor, g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha-entmax Jacobian-vector product: J = diag(s) - s s^T / sum s with s = p^(2 - alpha) on the support."""
+    s = torch.where(p > 0, p.pow(2 - alpha), torch.zeros_like(p))
+    gs = g * s
+    return gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
+
+
+def entmax15(z: torch.Tensor) -> torch.Tensor:
+    return _Entmax15.apply(_up(z))
+
+
+class _EntmaxBisect(torch.autograd.Function):
+    """p_i = max((alpha - 1) z_i - tau, 0)^(1 / (alpha - 1)); tau found by bisection on sum p = 1.
+
+    tau lies in [max - 1, max - d^(1 - alpha)] (max of (alpha - 1) z): at the low end the largest p alone is 1, at the
+    high end every p is at most 1/d. Each step halves the bracket; the result is renormalised to sum to 1.
+    """
+
+    @staticmethod
+    def forward(ctx, z, alpha: float, n_iter: int):
+        x = z * (alpha - 1)
+        mx = x.max(dim=-1, keepdim=True).values
+        lo, hi = mx - 1, mx - z.shape[-1] ** (1 - alpha)
+        inv = 1 / (alpha - 1)
+        for _ in range(n_iter):
+            mid = (lo + hi) / 2
+            above = (x - mid).clamp(min=0).pow(inv).sum(-1, keepdim=True) >= 1  # sum decreases in tau
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        p = (x - lo).clamp(min=0).pow(inv)
+        p = p / p.sum(-1, keepdim=True)
+        ctx.alpha = alpha
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return _entmax_vjp(p, g, ctx.alpha), None, None
+
+
+def entmax_bisect(z: torch.Tensor, alpha: float = 1.5, n_iter: int = 50) -> torch.Tensor:
+    """alpha-entmax for a float alpha >= 1 (1 = softmax, 2 = sparsemax, 1.5 = entmax15); differentiable in z only."""
+    if alpha < 1:
+        raise ValueError(f"entmax_bisect: alpha must be >= 1, got {alpha}")
+    if alpha == 1:
+        return softmax(z)
+    return _EntmaxBisect.apply(_up(z), float(alpha), int(n_iter))
+
+
+def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True) -> torch.Tensor:
+    """S_q(p) = (1 - sum p^q) / (q - 1) on the last dim; normalize divides by its maximum (the uniform p), to [0, 1]."""
+    s = (1 - p.pow(q).sum(-1)) / (q - 1)
+    if normalize:
+        n = p.shape[-1]
+        s = s / ((1 - n ** (1 - q)) / (q - 1)) if n > 1 else torch.zeros_like(s)
+    return s
+
+
+def dynmole_hybrid(z: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
+                   q: float = 1.1) -> torch.Tensor:
+    """DynMoLE hybrid routing on p = softmax(z).
+
+    Where the normalised Tsallis entropy S_q(p) exceeds `threshold` (the router is unsure) every expert is kept;
+    elsewhere the experts are the smallest prefix of p sorted descending whose mass reaches top_p, and at least
+    min_k of them. Returns p * keep: the kept weights are NOT renormalised (they sum to <= 1), as in DynMoLE.
+    """
+    p = softmax(z)
+    ps, idx = p.sort(dim=-1, descending=True)
+    keep_sorted = (ps.cumsum(-1) - ps) < top_p  # mass before this expert has not reached top_p yet
+    keep_sorted[..., :min_k] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+    keep = keep | (tsallis_entropy(p, q) > threshold)[..., None]
+    return p * keep
+
+
+# --------------------------------------------------------------------------------------------- auxiliary losses
+def _unit_mean(x: torch.Tensor, mask: Optional[torch.Tensor], event_dims: int) -> torch.Tensor:
+    """Mean of x over its unit dims (all but the last event_dims), counting only units where mask == 1."""
+    if mask is None:
+        return x.reshape(-1, *x.shape[x.dim() - event_dims:]).mean(0)
+    m = mask.to(x.dtype).reshape(*mask.shape, *([1] * event_dims))
+    dims = tuple(range(mask.dim()))
+    return (x * m).sum(dims) / m.sum(dims).clamp(min=1)
+
+
+def switch_load_balance(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                        dispatch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch Transformer load balance N * sum_i f_i P_i over the units (sequences or tokens) of probs (..., N).
+
+    P_i: mean router probability of expert i; f_i: fraction of units dispatched to i, from `dispatch` (..., N) 0/1
+    (each unit split evenly over its chosen experts) or, by default, the argmax of probs (Switch's top-1). mask (...)
+    excludes padding. Perfect balance gives 1.
+    """
+    probs = _up(probs)
+    n = probs.shape[-1]
+    if dispatch is None:
+        dispatch = F.one_hot(probs.argmax(-1), n).to(probs.dtype)
+    else:
+        dispatch = dispatch.to(probs.dtype)
+        dispatch = dispatch / dispatch.sum(-1, keepdim=True).clamp(min=1)
+    f = _unit_mean(dispatch, mask, 1)
+    P = _unit_mean(probs, mask, 1)
+    return n * (f * P).sum()
+
+
+def z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over units of logsumexp(logits)^2."""
+    lse = torch.logsumexp(_up(logits), dim=-1)
+    return _unit_mean(lse.square(), mask, 0)
+
+
+def entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean Shannon entropy -sum p log p (0 log 0 = 0) of the routing distribution; the trainer picks the sign."""
+    p = _up(probs)
+    h = -(p * p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum(-1)  # finite gradient where a sparse map gives 0
+    return _unit_mean(h, mask, 0)
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class RouterConfig:
+    """How the routed experts' weights are computed. Plain types only: filled 1:1 from YAML by train.py."""
+    kind: str = "learned"  # "task": fixed weights from task ids (Hard-Switch) | "learned"
+    tasks: list = field(default_factory=lambda: ["embed", "rerank"])  # task_ids index this list
+    task_experts: dict = field(default_factory=lambda: {"embed": ["embed"], "rerank": ["rerank"]})  # kind "task"
+    fn: str = "softmax"  # one of ROUTING_FNS
+    top_k: int = 2  # topk: k; dynmole: at least k experts
+    alpha: float = 1.5  # entmax_bisect
+    lam: float = 0.0  # sparsegen: fixed lambda (< 1) when lambda_predictor is off
+    lambda_predictor: bool = False  # sparsegen: LD-MoLE's lambda = f(x), a small MLP, lambda < 1
+    lambda_hidden: int = 64
+    top_p: float = 0.75  # dynmole
+    entropy_threshold: float = 0.9  # dynmole: normalised Tsallis entropy above this -> all experts
+    tsallis_q: float = 1.1  # dynmole
+    scorer: str = "linear"  # "linear": W h + b | "similarity": scale * cos(h, prototype_i) (RouterRetriever)
+    similarity_scale: float = 10.0
+    granularity: str = "sequence"  # "sequence": weights (B, E) from the pooled input | "token": (B, T, E)
+    pooling: str = "mean"  # sequence granularity: "mean" over non-pad tokens | "last" token
+    per_layer: bool = True  # False: one router, evaluated at the first adapted layer, for all layers
+    task_embed_dim: int = 0  # > 0: a learned task embedding is concatenated to the router input
+    normalize_input: bool = True  # parameter-free RMS norm of the router input (the block input is un-normed)
+    jitter: float = 0.0  # training only: router input scaled by U(1 - jitter, 1 + jitter) (Switch)
+    temperature: float = 1.0  # training only: scores divided by it (eval uses the raw scores)
+    aux_losses: list = field(default_factory=lambda: list(AUX_LOSSES))  # computed when grad is enabled
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"router.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.kind not in ("task", "learned"):
+            bad("kind", "must be 'task' or 'learned'")
+        if self.fn not in ROUTING_FNS:
+            bad("fn", f"must be one of {', '.join(ROUTING_FNS)}")
+        if self.scorer not in ("linear", "similarity"):
+            bad("scorer", "must be 'linear' or 'similarity'")
+        if self.granularity not in ("sequence", "token"):
+            bad("granularity", "must be 'sequence' or 'token'")
+        if self.pooling not in ("mean", "last"):
+            bad("pooling", "must be 'mean' or 'last'")
+        if not isinstance(self.tasks, list) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            bad("tasks", "must be a non-empty list of distinct names")
+        if not isinstance(self.task_experts, dict):
+            bad("task_experts", "must map task name -> list of expert names")
+        if self.kind == "task":
+            missing = [t for t in self.tasks if not self.task_experts.get(t)]
+            if missing:
+                bad("task_experts", f"kind 'task' needs a non-empty expert list for every task; missing {missing}")
+        if self.top_k < 1:
+            bad("top_k", "must be >= 1")
+        if self.alpha < 1:
+            bad("alpha", "must be >= 1")
+        if self.lam >= 1:
+            bad("lam", "must be < 1")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.tsallis_q <= 0 or self.tsallis_q == 1:
+            bad("tsallis_q", "must be > 0 and != 1")
+        if self.temperature <= 0:
+            bad("temperature", "must be > 0")
+        if not 0 <= self.jitter < 1:
+            bad("jitter", "must be in [0, 1)")
+        if self.task_embed_dim < 0 or self.lambda_hidden < 1:
+            bad("task_embed_dim" if self.task_embed_dim < 0 else "lambda_hidden", "out of range")
+        unknown = [a for a in self.aux_losses if a not in AUX_LOSSES]
+        if unknown:
+            bad("aux_losses", f"unknown {unknown}; known: {', '.join(AUX_LOSSES)}")
+
+
+# --------------------------------------------------------------------------------------------- router modules
+def pool(x: torch.Tensor, mask: torch.Tensor, how: str, cache: Optional[dict] = None) -> torch.Tensor:
+    """Block input x (B, T, H), mask (B, T) -> (B, H) fp32: mean over non-pad tokens, or the last real token.
+
+    cache (e.g. ctx.shared) keeps the mask-derived pooling weights / positions for the other layers of the forward.
+    """
+    key = f"router.pool.{how}.{x.dtype}"
+    got = cache.get(key) if cache is not None else None
+    if how == "last":
+        if got is None:
+            T = mask.shape[1]
+            got = T - 1 - mask.flip(1).long().argmax(dim=1)  # (B,), left or right padding
+        out = _up(x[torch.arange(x.shape[0], device=x.device), got])
+    else:
+        if got is None:
+            m = mask.to(torch.float32)
+            got = (m / m.sum(1, keepdim=True).clamp(min=1)).to(x.dtype)[:, None, :]  # (B, 1, T)
+        out = _up(torch.bmm(got, x)[:, 0])  # one matmul, no (B, T, H) temporary
+    if cache is not None:
+        cache[key] = got
+    return out
+
+
+class TaskRouter(nn.Module):
+    """Fixed weights from task ids: row t of `table` (n_tasks, E) is the multi-hot of task t's experts."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table.float(), persistent=False)  # rebuilt from the config, never saved
+
+    def forward(self, x: torch.Tensor, ctx):
+        if ctx.task_ids is None:
+            raise ValueError("router kind 'task' needs task_ids (B,) in the model call")
+        return self.table[ctx.task_ids.to(self.table.device)], {}
+
+
+class LambdaPredictor(nn.Module):
+    """LD-MoLE sparsity factor: lambda = logsigmoid(MLP(x)) + 1 - eps < 1 (any negative value is allowed: denser).
+
+    Initialised so lambda = 0 (plain sparsemax) at step 0.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 64, eps: float = 1e-2):
+        super().__init__()
+        self.eps = eps
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        target = math.exp(-(1 - eps))  # sigmoid(b) with logsigmoid(b) = -(1 - eps)
+        nn.init.constant_(self.net[2].bias, math.log(target / (1 - target)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.net(h)) + (1 - self.eps)
+
+
+class LearnedRouter(nn.Module):
+    """Scores on the (pooled or per-token) block input -> routing function -> weights (B, E) or (B, T, E), fp32.
+
+    All parameters are fp32 whatever the base dtype. Returns (weights, aux) with aux {name: scalar} over the units
+    (sequences, or non-pad tokens).
+    """
+
+    def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        in_dim = hidden_size + cfg.task_embed_dim
+        self.task_embed = nn.Embedding(len(cfg.tasks), cfg.task_embed_dim) if cfg.task_embed_dim else None
+        if cfg.scorer == "linear":
+            self.proj = nn.Linear(in_dim, n_experts)
+            nn.init.zeros_(self.proj.bias)
+            self.prototypes = None
+        else:  # one learnable prototype per expert; set_prototypes() puts data-derived ones in (RouterRetriever)
+            self.proj = None
+            self.prototypes = nn.Parameter(torch.randn(n_experts, in_dim))
+        self.lam = LambdaPredictor(in_dim, cfg.lambda_hidden) if cfg.fn == "sparsegen" and cfg.lambda_predictor else None
+
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor) -> None:
+        """prototypes (E, in_dim), e.g. mean block inputs of each expert's domain."""
+        self.prototypes.copy_(prototypes)
+
+    def features(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        cfg = self.cfg
+        h = pool(x, ctx.attention_mask, cfg.pooling, ctx.shared) if cfg.granularity == "sequence" else _up(x)
+        if cfg.normalize_input:
+            h = F.rms_norm(h, (h.shape[-1],), eps=1e-6)
+        if self.training and cfg.jitter > 0:
+            h = h * torch.empty_like(h).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
+        if self.task_embed is not None:
+            if ctx.task_ids is None:
+                raise ValueError("router.task_embed_dim > 0 needs task_ids (B,) in the model call")
+            t = self.task_embed(ctx.task_ids.to(h.device))  # (B, d)
+            if h.dim() == 3:
+                t = t[:, None].expand(-1, h.shape[1], -1)
+            h = torch.cat([h, t], dim=-1)
+        return h
+
+    def forward(self, x: torch.Tensor, ctx):
+        cfg = self.cfg
+        h = self.features(x, ctx)
+        if self.proj is not None:
+            logits = self.proj(h)
+        else:
+            logits = cfg.similarity_scale * F.normalize(h, dim=-1) @ F.normalize(self.prototypes, dim=-1).t()
+        if self.training and cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        fn = cfg.fn
+        if fn == "softmax":
+            w = softmax(logits)
+        elif fn == "topk":
+            w = topk_softmax(logits, cfg.top_k)
+        elif fn == "sparsemax":
+            w = sparsemax(logits)
+        elif fn == "sparsegen":
+            w = sparsegen_lin(logits, self.lam(h) if self.lam is not None else cfg.lam)
+        elif fn == "entmax15":
+            w = entmax15(logits)
+        elif fn == "entmax_bisect":
+            w = entmax_bisect(logits, cfg.alpha)
+        else:
+            w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q)
+
+        aux = {}
+        # Only when grad is enabled (training): a checkpoint recompute, also under grad, replays the same ops.
+        if cfg.aux_losses and torch.is_grad_enabled():
+            mask = ctx.attention_mask if w.dim() == 3 else None
+            dense = fn in ("topk", "dynmole")  # P from the full softmax; the other maps use their own output
+            probs = torch.softmax(logits, dim=-1) if dense else w
+            dispatch = None if fn == "softmax" else (w > 0)
+            if "load_balance" in cfg.aux_losses:
+                aux["load_balance"] = switch_load_balance(probs, mask, dispatch)
+            if "z_loss" in cfg.aux_losses:
+                aux["z_loss"] = z_loss(logits, mask)
+            if "entropy" in cfg.aux_losses:
+                aux["entropy"] = entropy(probs, mask)
+        return w, aux

@@ -1,0 +1,436 @@
+"""MoE-LoRA experts on the frozen backbone (moe_lora.py), read as the spec. Tiny random models only."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import moe_lora as ML
+import router as R
+from model import CausalLM, ModelConfig
+from moe_lora import ExpertSpec, MoELoRAConfig, MoELoRALinear
+from router import RouterConfig
+
+TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-sync stalls on a busy machine; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(ModelConfig.from_hf_dict(TINY))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:  # RMSNorm weights stay 1
+            nn.init.normal_(p, std=0.2)
+    return model.requires_grad_(False).to(dtype).eval()
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # right padding
+    return ids, mask, torch.tensor([0, 1, 0])
+
+
+def randomize_experts(model, std: float = 0.1, seed: int = 2) -> None:
+    """B is zero at init (output = base); give it values so that the experts matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in ML._linears(model):
+            lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=g) * std)
+
+
+def attached(cfg: MoELoRAConfig, seed: int = 0, dtype=torch.float32) -> CausalLM:
+    model = ML.attach(tiny_model(seed, dtype), cfg)
+    randomize_experts(model)
+    return model
+
+
+def hand_lora(x, lin: MoELoRALinear, name: str, scale: float) -> torch.Tensor:
+    """One expert's LoRA computed by hand from its own slices: scale * (x A_i^T) B_i^T."""
+    sl = lin.expert_slice(name)
+    return scale * (x @ lin.lora_A[sl].t()) @ lin.lora_B[:, sl].t()
+
+
+def random_linear(experts, bias=True, rslora=False, dropout=0.0, seed=3):
+    torch.manual_seed(seed)
+    lin = MoELoRALinear(nn.Linear(16, 24, bias=bias), experts, rslora=rslora, dropout=dropout)
+    nn.init.normal_(lin.lora_B, std=0.3)
+    return lin
+
+
+# --------------------------------------------------------------------------------------------- the linear
+def test_output_at_init_equals_the_base_exactly():
+    base = tiny_model()
+    ids, mask, tasks = batch()
+    want = base(ids, mask).hidden
+    for router in (RouterConfig(), RouterConfig(granularity="token", fn="sparsemax"), RouterConfig(per_layer=False)):
+        model = ML.attach(copy.deepcopy(base), MoELoRAConfig(router=router))
+        assert torch.equal(model(ids, mask, task_ids=tasks).hidden, want)  # B = 0: not one bit changes
+
+
+def test_a_is_kaiming_uniform_b_is_zero_and_both_fp32():
+    lin = MoELoRALinear(nn.Linear(64, 8), [ExpertSpec("a", 4, 8), ExpertSpec("b", 12, 8)])
+    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt 5): sqrt(6 / ((1 + 5) * fan_in))
+    assert lin.lora_A.abs().max() <= bound and lin.lora_A.abs().max() > 0.8 * bound
+    assert torch.count_nonzero(lin.lora_B) == 0
+    assert lin.lora_A.dtype == lin.lora_B.dtype == torch.float32
+
+
+def test_one_expert_with_weight_one_equals_a_plain_lora_by_hand():
+    lin = random_linear([ExpertSpec("a", 4, 8.0), ExpertSpec("b", 6, 3.0)])
+    x = torch.randn(2, 5, 16)
+    lin.gate = lin.gate_from_weights(torch.tensor([0.0, 1.0]))
+    want = x @ lin.weight.t() + lin.bias + hand_lora(x, lin, "b", 3.0 / 6)
+    torch.testing.assert_close(lin(x), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_stacked_mix_equals_a_per_expert_loop_with_ranks_8_8_16(per_token):
+    experts = [ExpertSpec("embed", 8, 16.0), ExpertSpec("rerank", 8, 4.0), ExpertSpec("shared", 16, 32.0)]
+    lin = random_linear(experts)
+    x = torch.randn(3, 7, 16)
+    w = torch.rand(3, 7, 3) if per_token else torch.rand(3, 3)
+    gate = lin.gate_from_weights(w)
+    lin.gate = gate if per_token else gate[:, None, :]
+    want = F.linear(x, lin.weight, lin.bias)
+    for i, e in enumerate(experts):
+        wi = w[..., i, None] if per_token else w[:, None, i, None]
+        want = want + wi * hand_lora(x, lin, e.name, e.alpha / e.r)
+    torch.testing.assert_close(lin(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    lin = random_linear([ExpertSpec("a", 16, 8.0)], rslora=True)
+    x = torch.randn(2, 3, 16)
+    lin.gate = lin.gate_from_weights(torch.ones(1))
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias) + hand_lora(x, lin, "a", 8.0 / 4),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_dropout_acts_on_the_adapter_input_in_training_only():
+    lin = random_linear([ExpertSpec("a", 4, 8.0)], dropout=0.5)
+    x = torch.randn(4, 5, 16)
+    lin.gate = lin.gate_from_weights(torch.ones(1))
+    lin.eval()
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias) + hand_lora(x, lin, "a", 2.0),
+                               atol=1e-6, rtol=1e-6)
+    lin.train()
+    assert not torch.allclose(lin(x), lin(x))  # a new dropout mask each call
+    with torch.no_grad():
+        lin.lora_B.zero_()
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # the base path never sees dropout
+
+
+def test_bf16_base_keeps_fp32_adapters_and_returns_bf16():
+    model = attached(MoELoRAConfig(), dtype=torch.bfloat16)
+    ids, mask, tasks = batch()
+    assert model(ids, mask, task_ids=tasks).hidden.dtype == torch.bfloat16
+    for p in ML.adapter_parameters(model):
+        assert p.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_forward_without_a_gate_is_a_clear_error():
+    lin = MoELoRALinear(nn.Linear(4, 4), [ExpertSpec("a", 2, 2)])
+    with pytest.raises(RuntimeError, match="no routing gate"):
+        lin(torch.randn(1, 2, 4))
+
+
+# --------------------------------------------------------------------------------------------- attach / train
+def test_attach_wraps_only_the_chosen_projections_of_the_chosen_layers():
+    base_keys = set(tiny_model().state_dict())
+    model = ML.attach(tiny_model(), MoELoRAConfig(targets=["q", "v", "down_proj"], layers=[0, 2]))
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)}
+    assert wrapped == {f"model.layers.{i}.{p}" for i in (0, 2)
+                       for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert model.model.layers[1].adapter_hook is None
+    assert base_keys <= set(model.state_dict())  # HF parameter names unchanged: q_proj.weight, not q_proj.base.weight
+
+
+def test_only_experts_and_routers_train_and_a_step_leaves_the_base_unchanged():
+    model = attached(MoELoRAConfig(router=RouterConfig(task_embed_dim=4)))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and "adapter_hook" not in k}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_A" in n or "lora_B" in n or ".adapter_hook.router." in n) for n in trainable)
+    assert {id(p) for p in ML.adapter_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids, mask, tasks = batch()
+    model.train()
+    out = model(ids, mask, task_ids=tasks)
+    (out.hidden.square().mean() + sum(out.aux.values())).backward()
+    opt.step()
+    for k, v in model.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    assert all(p.grad is not None for p in ML.adapter_parameters(model))
+
+
+def test_attaching_twice_or_to_missing_layers_is_a_clear_error():
+    model = ML.attach(tiny_model(), MoELoRAConfig())
+    with pytest.raises(ValueError, match="already carries"):
+        ML.attach(model, MoELoRAConfig())
+    with pytest.raises(ValueError, match=r"moe_lora\.layers"):
+        ML.attach(tiny_model(), MoELoRAConfig(layers=[0, 3]))
+
+
+def test_detach_restores_the_plain_backbone():
+    base = tiny_model()
+    ids, mask, tasks = batch()
+    model = attached(MoELoRAConfig())
+    ML.merge(model, "embed")
+    ML.detach(model)  # unmerges first (exact up to fp32 rounding)
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    torch.testing.assert_close(model(ids, mask).hidden, base(ids, mask).hidden, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- routing
+def captured(model, task_ids=None, **kw):
+    ids, mask, tasks = batch()
+    return model(ids, mask, task_ids=tasks if task_ids is None else task_ids, capture_routing=True, **kw)
+
+
+def hard(shared="always", task_experts=None):
+    return MoELoRAConfig(shared=shared, router=RouterConfig(
+        kind="task", task_experts=task_experts or {"embed": ["embed"], "rerank": ["rerank"]}))
+
+
+def test_hard_routing_gives_each_task_exactly_its_experts():
+    model = attached(hard())  # experts embed, rerank, shared (always on)
+    out = captured(model)
+    for _, w in out.routing:  # task ids [0, 1, 0]
+        assert torch.equal(w, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))
+    # The other task's expert has no effect at all: zeroing its B leaves that sequence unchanged.
+    for task, other in ((0, "rerank"), (1, "embed")):
+        ablated = copy.deepcopy(model)
+        with torch.no_grad():
+            for lin in ML._linears(ablated):
+                lin.lora_B[:, lin.expert_slice(other)] = 0
+        rows = (torch.tensor([0, 1, 0]) == task)
+        assert torch.equal(captured(ablated).hidden[rows], out.hidden[rows])
+
+
+def test_hard_switch_without_shared_is_one_hot():
+    model = attached(hard(shared=None))
+    for _, w in captured(model).routing:
+        assert torch.equal(w, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_shared_expert_always_on_or_routed_as_configured():
+    always = attached(MoELoRAConfig(shared="always"))
+    routed = attached(MoELoRAConfig(shared="routed"))
+    assert always.model.layers[0].adapter_hook.router.proj.out_features == 2  # embed, rerank
+    assert routed.model.layers[0].adapter_hook.router.proj.out_features == 3  # embed, rerank, shared
+    for _, w in captured(always).routing:
+        assert torch.equal(w[:, 2], torch.ones(3))  # the shared column is the constant 1, outside the router
+        torch.testing.assert_close(w[:, :2].sum(-1), torch.ones(3))
+    for _, w in captured(routed).routing:
+        torch.testing.assert_close(w.sum(-1), torch.ones(3))  # softmax over all three
+
+
+def test_a_single_always_on_expert_is_a_plain_lora_with_no_router():
+    model = attached(MoELoRAConfig(experts=[ExpertSpec("lora", 8, 16.0)], shared="always", shared_expert="lora"))
+    assert all(b.adapter_hook.router is None for b in model.model.layers)
+    ids, mask, _ = batch()
+    model(ids, mask)  # no task ids needed
+    lin = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight) + hand_lora(x, lin, "lora", 2.0), atol=1e-6, rtol=1e-6)
+
+
+def test_token_level_routing_gives_per_token_weights():
+    out = captured(attached(MoELoRAConfig(router=RouterConfig(granularity="token"))))
+    assert [w.shape for _, w in out.routing] == [(3, 6, 3)] * 3
+
+
+def test_once_per_sequence_router_serves_all_layers():
+    model = attached(MoELoRAConfig(router=RouterConfig(per_layer=False)))
+    assert [b.adapter_hook.router is not None for b in model.model.layers] == [True, False, False]
+    out = captured(model, output_hidden_states=True)
+    assert all(torch.equal(w, out.routing[0][1]) for _, w in out.routing)
+    # Its aux losses are added once per forward: the model's value is that of the single router call.
+    ids, mask, tasks = batch()
+    ctx = type("Ctx", (), dict(attention_mask=mask, task_ids=tasks, shared={}))()
+    _, aux = model.model.layers[0].adapter_hook.router(out.layer_hidden[0], ctx)
+    for name, value in out.aux.items():
+        torch.testing.assert_close(value, aux[name])
+
+
+def test_padding_does_not_change_a_sequences_output():
+    model = attached(MoELoRAConfig(router=RouterConfig(pooling="mean")))
+    ids, mask, tasks = batch()
+    alone = model(ids[1:2, :4], mask[1:2, :4], task_ids=tasks[1:2]).hidden
+    torch.testing.assert_close(model(ids, mask, task_ids=tasks).hidden[1:2, :4], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_records_each_layer_and_is_off_by_default():
+    model = attached(MoELoRAConfig(layers=[0, 2]))
+    out = captured(model)
+    assert [layer for layer, _ in out.routing] == [0, 2]
+    assert all(w.shape == (3, 3) and not w.requires_grad for _, w in out.routing)
+    ids, mask, tasks = batch()
+    assert model(ids, mask, task_ids=tasks).routing is None
+
+
+# --------------------------------------------------------------------------------------------- aux losses
+def test_aux_losses_are_returned_by_the_call_as_the_mean_over_layers():
+    model = attached(MoELoRAConfig())
+    ids, mask, tasks = batch()
+    out = model(ids, mask, task_ids=tasks, output_hidden_states=True)
+    assert set(out.aux) == {"load_balance", "z_loss", "entropy"}
+    ctx = type("Ctx", (), dict(attention_mask=mask, task_ids=tasks, shared={}))()
+    per_layer = [blk.adapter_hook.router(out.layer_hidden[i], ctx)[1] for i, blk in enumerate(model.model.layers)]
+    for name, value in out.aux.items():
+        torch.testing.assert_close(value, torch.stack([a[name] for a in per_layer]).mean())
+    assert not hasattr(model, "aux") and not hasattr(R, "aux")  # nothing kept in global or module state
+
+
+def test_gradient_checkpointing_neither_double_counts_aux_nor_breaks_backward():
+    for router in (RouterConfig(), RouterConfig(per_layer=False, granularity="token", fn="entmax15")):
+        model = attached(MoELoRAConfig(router=router))
+        model.train()
+        ids, mask, tasks = batch()
+        grads, auxes = [], []
+        for ckpt in (False, True):
+            model.gradient_checkpointing = ckpt
+            out = model(ids, mask, task_ids=tasks)
+            (out.hidden.square().mean() + sum(out.aux.values())).backward()
+            grads.append([p.grad.clone() for p in ML.adapter_parameters(model)])
+            auxes.append({k: v.detach() for k, v in out.aux.items()})
+            for p in ML.adapter_parameters(model):
+                p.grad = None
+        assert auxes[0] == auxes[1]  # same values: the recompute in backward added nothing
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------- save / load
+def full_router_cfg():
+    return MoELoRAConfig(experts=[ExpertSpec("embed", 4, 8.0), ExpertSpec("rerank", 4, 8.0),
+                                  ExpertSpec("shared", 8, 4.0)], rslora=True, shared="routed", targets=["q", "down"],
+                         router=RouterConfig(fn="sparsegen", lambda_predictor=True, task_embed_dim=3,
+                                             granularity="token"))
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path):
+    model = attached(full_router_cfg())
+    with torch.no_grad():
+        for p in ML.adapter_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)  # routers too, not only the experts' B
+    path = str(tmp_path / "adapters.safetensors")
+    ML.save_adapters(model, path)
+    fresh = tiny_model()  # same base, no experts: the file's spec rebuilds them
+    cfg = ML.load_adapters(fresh, path)
+    assert cfg == model.moe_lora_config
+    ids, mask, tasks = batch()
+    assert torch.equal(fresh(ids, mask, task_ids=tasks).hidden, model(ids, mask, task_ids=tasks).hidden)
+
+
+def test_saved_file_holds_only_adapter_tensors_and_the_spec(tmp_path):
+    model = attached(full_router_cfg())
+    path = str(tmp_path / "a.safetensors")
+    ML.save_adapters(model, path)
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        spec = json.loads(f.metadata()[ML.METADATA_KEY])
+    assert keys == set(ML.adapter_state_dict(model))
+    assert all("lora_" in k or ".adapter_hook." in k for k in keys)
+    assert MoELoRAConfig.from_dict(spec) == model.moe_lora_config
+
+
+def test_load_with_a_missing_key_names_the_file(tmp_path):
+    model = attached(MoELoRAConfig())
+    path = str(tmp_path / "broken.safetensors")
+    sd = {k: v.detach().contiguous() for k, v in ML.adapter_state_dict(model).items()}
+    sd.pop(next(iter(sd)))
+    save_file(sd, path, metadata={ML.METADATA_KEY: json.dumps(model.moe_lora_config.to_dict())})
+    with pytest.raises(ValueError, match=r"broken\.safetensors.*missing"):
+        ML.load_adapters(tiny_model(), path)
+
+
+def test_load_into_a_model_with_other_experts_or_a_plain_file_is_a_clear_error(tmp_path):
+    model = attached(MoELoRAConfig())
+    path = str(tmp_path / "a.safetensors")
+    ML.save_adapters(model, path)
+    with pytest.raises(ValueError, match="different spec"):
+        ML.load_adapters(attached(MoELoRAConfig(rslora=True)), path)
+    plain = str(tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match=r"plain\.safetensors.*not a MoE-LoRA"):
+        ML.load_adapters(tiny_model(), plain)
+
+
+# --------------------------------------------------------------------------------------------- merge
+def test_merge_then_unmerge_restores_the_weights():
+    model = attached(hard())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ML.merge(model, "rerank")
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"])
+    ML.unmerge(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)
+
+
+def test_merged_model_equals_the_hard_routed_model():
+    model = attached(hard())
+    ids, mask, _ = batch()
+    for t, task in enumerate(["embed", "rerank"]):
+        routed = model(ids, mask, task_ids=torch.full((3,), t)).hidden
+        ML.merge(model, task)
+        merged = model(ids, mask).hidden  # no routing (and no task ids) needed once merged
+        ML.unmerge(model)
+        torch.testing.assert_close(merged, routed, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_with_explicit_weights_and_unknown_names():
+    model = attached(MoELoRAConfig())
+    w = ML.fixed_weights(model.moe_lora_config, {"embed": 0.25, "rerank": 0.75})
+    assert w.tolist() == [0.25, 0.75, 1.0]  # the always-on shared expert gets 1
+    with pytest.raises(ValueError, match="not routed experts"):
+        ML.merge(model, {"shared": 1.0})
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_round_trips_through_a_plain_dict():
+    cfg = full_router_cfg()
+    d = json.loads(json.dumps(cfg.to_dict()))  # what YAML / safetensors metadata hold
+    assert MoELoRAConfig.from_dict(d) == cfg
+    assert MoELoRAConfig(targets=["q", "gate"]).targets == ["q_proj", "gate_proj"]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(experts=[{"name": "a", "r": 0, "alpha": 1.0}], shared=None), r"moe_lora\.experts"),
+    (dict(targets=["qkv"]), r"moe_lora\.targets"),
+    (dict(shared="sometimes"), r"moe_lora\.shared"),
+    (dict(dropout=1.5), r"moe_lora\.dropout"),
+    (dict(router={"fn": "nope"}), r"router\.fn"),
+    (dict(router={"kind": "task", "task_experts": {"embed": ["shared"], "rerank": ["rerank"]}}),
+     r"router\.task_experts"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MoELoRAConfig(**kwargs)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown key.*'rank'"):
+        MoELoRAConfig.from_dict({"rank": 8})
+    with pytest.raises(ValueError, match=r"router: unknown key"):
+        MoELoRAConfig.from_dict({"router": {"topk": 2}})
+    with pytest.raises(ValueError, match=r"moe_lora\.experts\[0\]: unknown key"):
+        MoELoRAConfig.from_dict({"experts": [{"name": "a", "rank": 8}]})

@@ -1,0 +1,275 @@
+"""Routing functions, auxiliary losses and router modules (router.py), read as the spec."""
+import math
+from types import SimpleNamespace
+
+import entmax
+import pytest
+import torch
+
+import router as R
+from router import RouterConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-sync stalls on a busy machine; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def t(*v, dtype=torch.float32):
+    return torch.tensor(v, dtype=dtype)
+
+
+def ctx_for(mask, task_ids=None):
+    """The few ForwardContext fields a router reads."""
+    return SimpleNamespace(attention_mask=mask, task_ids=task_ids, shared={})
+
+
+# --------------------------------------------------------------------------------------------- published vectors
+def test_sparsemax_published_vector():
+    # Martins & Astudillo 2016 style example: the two largest share the mass, the rest is exactly 0.
+    torch.testing.assert_close(R.sparsemax(t(1, 0.8, 0.1, -0.5)), t(0.6, 0.4, 0, 0))
+
+
+def test_sparsegen_lin_published_vector():
+    # sparsegen_lin(z, 0.5) = sparsemax(2 z): sharper than sparsemax on the same scores.
+    torch.testing.assert_close(R.sparsegen_lin(t(1, 0.8, 0.1, -0.5), 0.5), t(0.7, 0.3, 0, 0))
+
+
+def test_entmax15_published_vector():
+    torch.testing.assert_close(R.entmax15(t(-2, 0, 0.5)), t(0, 0.326007, 0.673993), atol=1e-6, rtol=0)
+
+
+def test_switch_load_balance_published_value():
+    # argmax dispatch f = [.5, .25, .25], mean probabilities P = [.4, .375, .225]: 3 * 0.35 = 1.05.
+    p = torch.tensor([[.7, .2, .1], [.6, .3, .1], [.1, .8, .1], [.2, .2, .6]])
+    torch.testing.assert_close(R.switch_load_balance(p), torch.tensor(1.05))
+
+
+# --------------------------------------------------------------------------------------------- agreement with entmax
+@pytest.mark.parametrize("shape", [(7, 3), (4, 5, 8), (2, 33)])
+def test_sparsemax_agrees_with_entmax_package(shape):
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2
+    torch.testing.assert_close(R.sparsemax(z), entmax.sparsemax(z, dim=-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (4, 5, 8), (2, 33)])
+def test_entmax15_agrees_with_entmax_package(shape):
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 2
+    torch.testing.assert_close(R.entmax15(z), entmax.entmax15(z, dim=-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.5, 2.0, 3.0])
+def test_entmax_bisect_agrees_with_entmax_package(alpha):
+    z = torch.randn(6, 4, 7, generator=torch.Generator().manual_seed(2)) * 2
+    torch.testing.assert_close(R.entmax_bisect(z, alpha), entmax.entmax_bisect(z, alpha, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_entmax_bisect_special_cases():
+    # alpha = 1 is softmax, 2 is sparsemax, 1.5 is the exact entmax15.
+    z = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(R.entmax_bisect(z, 1.0), torch.softmax(z, -1))
+    torch.testing.assert_close(R.entmax_bisect(z, 2.0), R.sparsemax(z), atol=1e-10, rtol=0)
+    torch.testing.assert_close(R.entmax_bisect(z, 1.5), R.entmax15(z), atol=1e-10, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- gradients
+def test_gradcheck_sparsemax():
+    z = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    assert torch.autograd.gradcheck(R.sparsemax, (z,))
+
+
+def test_gradcheck_sparsegen_lin_in_z_and_lam():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    lam = (torch.rand(4, 1, dtype=torch.float64, generator=g) * 1.5 - 1).requires_grad_()  # in [-1, 0.5)
+    assert torch.autograd.gradcheck(R.sparsegen_lin, (z, lam))
+
+
+def test_gradcheck_entmax15():
+    z = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    assert torch.autograd.gradcheck(R.entmax15, (z,))
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.5])
+def test_gradcheck_entmax_bisect(alpha):
+    z = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: R.entmax_bisect(x, alpha), (z,))
+
+
+# --------------------------------------------------------------------------------------------- properties
+def test_routing_functions_compute_in_fp32_for_half_inputs():
+    # Documented contract: bf16/fp16 scores are upcast and the weights come back in fp32; float64 stays float64.
+    z = torch.randn(3, 4).to(torch.bfloat16)
+    for fn in (R.softmax, R.sparsemax, R.entmax15, lambda x: R.topk_softmax(x, 2), lambda x: R.entmax_bisect(x, 1.3),
+               lambda x: R.sparsegen_lin(x, 0.2), R.dynmole_hybrid):
+        assert fn(z).dtype == torch.float32
+        assert fn(z.double()).dtype == torch.float64
+
+
+def test_topk_softmax_keeps_k_experts_renormalised():
+    z = torch.randn(10, 6, generator=torch.Generator().manual_seed(8))
+    w = R.topk_softmax(z, 2)
+    assert ((w > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(10))
+    top = z.topk(2, dim=-1)
+    torch.testing.assert_close(w.gather(-1, top.indices), torch.softmax(top.values, -1))
+
+
+def test_sparsegen_lin_lambda_controls_sparsity():
+    z = torch.randn(50, 6, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(R.sparsegen_lin(z, 0.0), R.sparsemax(z))  # lam = 0 is sparsemax
+    nnz = [(R.sparsegen_lin(z, lam) > 0).sum().item() for lam in (-20.0, 0.0, 0.9)]
+    assert nnz[0] > nnz[1] > nnz[2]  # lower lam: denser; lam -> 1: one-hot
+    with pytest.raises(ValueError, match="lam must be < 1"):
+        R.sparsegen_lin(z, 1.0)
+
+
+def test_tsallis_entropy_normalised_to_unit_interval():
+    assert R.tsallis_entropy(torch.full((4,), 0.25)).item() == pytest.approx(1.0)
+    assert R.tsallis_entropy(t(1, 0, 0, 0)).item() == pytest.approx(0.0)
+
+
+def test_dynmole_high_entropy_keeps_all_experts_unrenormalised():
+    z = t(0.0, 0.01, -0.01)  # nearly uniform: normalised Tsallis entropy ~ 1 > 0.9
+    torch.testing.assert_close(R.dynmole_hybrid(z), torch.softmax(z, -1))
+
+
+def test_dynmole_low_entropy_is_top_p_with_at_least_k_and_not_renormalised():
+    z = torch.log(t(0.85, 0.1, 0.04, 0.01))
+    p = torch.softmax(z, -1)
+    assert R.tsallis_entropy(p).item() < 0.9
+    # top_p 0.75: the first expert alone reaches it; min_k 2 keeps the second as well; weights stay p (sum 0.95).
+    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.75, min_k=2), p * t(1, 1, 0, 0))
+    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.9, min_k=1), p * t(1, 1, 0, 0))
+    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.97, min_k=1), p * t(1, 1, 1, 0))
+
+
+# --------------------------------------------------------------------------------------------- aux losses
+def test_switch_load_balance_is_one_when_balanced():
+    assert R.switch_load_balance(torch.eye(4)).item() == pytest.approx(1.0)
+
+
+def test_switch_load_balance_excludes_padding():
+    g = torch.Generator().manual_seed(10)
+    p = torch.softmax(torch.randn(2, 5, 3, generator=g), -1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    garbage = p.clone()
+    garbage[mask == 0] = torch.tensor([1.0, 0.0, 0.0])  # what sits at pad positions must not matter
+    real = p[mask.bool()]  # (7, 3): only the real tokens
+    torch.testing.assert_close(R.switch_load_balance(garbage, mask), R.switch_load_balance(real))
+
+
+def test_switch_load_balance_with_explicit_dispatch_splits_each_unit():
+    # Two units, each dispatched to two experts (1/2 each): f = [.5, .25, .25].
+    p = torch.tensor([[.5, .3, .2], [.3, .3, .4]])
+    d = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    P = p.mean(0)
+    assert R.switch_load_balance(p, dispatch=d).item() == pytest.approx(3 * (0.5 * P[0] + 0.25 * P[1] + 0.25 * P[2]))
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    z = t(1.0, 2.0, 3.0)[None].repeat(2, 1)
+    assert R.z_loss(z).item() == pytest.approx(torch.logsumexp(z[0], 0).item() ** 2)
+
+
+def test_entropy_is_shannon_and_has_finite_gradient_on_sparse_weights():
+    assert R.entropy(torch.full((1, 4), 0.25)).item() == pytest.approx(math.log(4))
+    z = t(1.0, 0.8, 0.1, -0.5).requires_grad_()
+    R.entropy(R.sparsemax(z)[None]).backward()  # two exact zeros: 0 log 0 must not give NaN
+    assert torch.isfinite(z.grad).all()
+
+
+# --------------------------------------------------------------------------------------------- router modules
+def test_pool_mean_excludes_padding_and_last_finds_last_real_token():
+    x = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    torch.testing.assert_close(R.pool(x, right, "mean"), torch.tensor([[0.5], [5.5]]))
+    torch.testing.assert_close(R.pool(x, right, "last"), torch.tensor([[1.0], [7.0]]))
+    torch.testing.assert_close(R.pool(x, left, "last"), torch.tensor([[3.0], [7.0]]))
+
+
+def test_task_router_gives_the_multi_hot_of_each_task():
+    table = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    w, aux = R.TaskRouter(table)(torch.zeros(3, 2, 4), ctx_for(torch.ones(3, 2), torch.tensor([1, 0, 1])))
+    torch.testing.assert_close(w, table[[1, 0, 1]])
+    assert aux == {}
+
+
+def test_task_router_without_task_ids_is_a_clear_error():
+    with pytest.raises(ValueError, match="task_ids"):
+        R.TaskRouter(torch.eye(2))(torch.zeros(1, 2, 4), ctx_for(torch.ones(1, 2)))
+
+
+@pytest.mark.parametrize("fn", R.ROUTING_FNS)
+def test_learned_router_weights_per_sequence_and_per_token(fn):
+    cfg = RouterConfig(fn=fn, lambda_predictor=(fn == "sparsegen"))
+    torch.manual_seed(0)
+    r = R.LearnedRouter(16, 3, cfg)
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    w, aux = r(x, ctx_for(mask))
+    assert w.shape == (2, 3) and w.dtype == torch.float32 and (w >= 0).all()
+    assert set(aux) == {"load_balance", "z_loss", "entropy"}
+    r.cfg = RouterConfig(fn=fn, granularity="token", lambda_predictor=(fn == "sparsegen"))
+    w, _ = r(x, ctx_for(mask))
+    assert w.shape == (2, 5, 3)
+
+
+def test_learned_router_skips_aux_under_no_grad():
+    r = R.LearnedRouter(8, 3, RouterConfig())
+    with torch.no_grad():
+        _, aux = r(torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3)))
+    assert aux == {}
+
+
+def test_lambda_predictor_is_below_one_and_starts_at_zero():
+    p = R.LambdaPredictor(8, hidden=4)
+    lam = p(torch.randn(20, 8) * 100)
+    assert (lam < 1).all()
+    torch.testing.assert_close(lam, torch.zeros(20, 1), atol=1e-6, rtol=0)  # step 0: plain sparsemax
+
+
+def test_similarity_router_prefers_the_nearest_prototype():
+    r = R.LearnedRouter(4, 3, RouterConfig(scorer="similarity", fn="topk", top_k=1, normalize_input=False))
+    r.set_prototypes(torch.eye(3, 4))
+    x = torch.tensor([[0.1, 0.0, 2.0, 0.0]])[:, None, :].repeat(1, 2, 1)  # closest to prototype 2
+    w, _ = r(x, ctx_for(torch.ones(1, 2)))
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_task_embedding_input_makes_routing_task_dependent():
+    torch.manual_seed(0)
+    r = R.LearnedRouter(8, 3, RouterConfig(task_embed_dim=4))
+    x = torch.randn(1, 3, 8).repeat(2, 1, 1)  # same text, two tasks
+    w, _ = r(x, ctx_for(torch.ones(2, 3), torch.tensor([0, 1])))
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_jitter_and_temperature_apply_in_training_only():
+    torch.manual_seed(0)
+    r = R.LearnedRouter(8, 3, RouterConfig(jitter=0.5, temperature=5.0))
+    x, ctx = torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3))
+    r.eval()
+    w1, _ = r(x, ctx)
+    w2, _ = r(x, ctx)
+    assert torch.equal(w1, w2)  # eval: no noise
+    r.cfg = RouterConfig()
+    torch.testing.assert_close(r(x, ctx)[0], w1)  # eval: temperature and jitter have no effect
+    r.cfg = RouterConfig(jitter=0.5, temperature=5.0)
+    r.train()
+    w3, _ = r(x, ctx)
+    assert not torch.allclose(w3, w1)
+    assert w3.max() - w3.min() < w1.max() - w1.min()  # the temperature softens
+
+
+def test_router_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"router\.fn"):
+        RouterConfig(fn="gumbel")
+    with pytest.raises(ValueError, match=r"router\.lam"):
+        RouterConfig(lam=1.0)
+    with pytest.raises(ValueError, match=r"router\.task_experts"):
+        RouterConfig(kind="task", task_experts={"embed": ["embed"]})
