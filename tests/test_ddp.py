@@ -1,0 +1,126 @@
+"""DDP as a spec: two CPU ranks (gloo, under torchrun) compute exactly what one process computes on the
+concatenated batch.
+
+* the cross-device InfoNCE loss and its gradients (after DDP's averaging) equal one process's on the global batch;
+* a whole train.py run on 2 ranks ends with the adapters of a 1-process run with the same global batch.
+
+Each test launches `python -m torch.distributed.run --nproc_per_node=2` as a subprocess (a few seconds each).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_setup
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 240  # seconds per torchrun launch; a hung collective fails the test instead of hanging the suite
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the in-process reference runs share 2 cores with the torchrun ranks."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return tiny_setup.write_synthetic(str(tmp_path_factory.mktemp("ddp") / "synthetic"))
+
+
+@pytest.fixture(scope="module")
+def base_dir(task, tmp_path_factory):
+    """The tiny random base written once, so the workers and the reference load the very same weights."""
+    root = tmp_path_factory.mktemp("ddp_base")
+    cfg = train.load_config(tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "unused")))
+    train.write_tiny_base(cfg, str(root / "base"))
+    return str(root / "base")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=tiny_setup.SUBPROCESS_ENV)
+    assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+
+
+def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenated_batch(task, base_dir, tmp_path):
+    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, str(tmp_path / "unused"),
+                                       model={"path": base_dir})
+    torchrun(os.path.join(HERE, "ddp_worker.py"), cfg_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    # The reference: one process, no process group, the global batch = rank 0's queries then rank 1's (docs
+    # likewise, so query i's positive stays at row i * g). Each rank's texts are embedded as that rank embedded
+    # them (one forward per slice: the same padding, hence the same fp32 rounding), so the comparison isolates
+    # the loss and DDP's gradient averaging; a forward over the whole batch pads differently and moves gradients
+    # of size ~5 by a few 1e-6 (padding invariance itself is test_train.py's business, at 1e-5).
+    cfg = train.load_config(cfg_path)
+    um = train.build_model(cfg, torch.device("cpu"))
+    tiny_setup.randomize_lora_B(um, seed=1)
+    queries, docs = tiny_setup.fixed_batch(task, 4, cfg.data.n_neg)
+    b, g = 2, 1 + cfg.data.n_neg
+    q = torch.cat([um.embed(um.tokens_queries(queries[r * b:(r + 1) * b]))[0] for r in (0, 1)])
+    d = torch.cat([um.embed(um.tokens_documents(docs[r * b * g:(r + 1) * b * g]))[0] for r in (0, 1)])
+    loss = train.info_nce_loss(q, d, cfg.train.temperature, cross_device=False)
+    loss.backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+             for n, p in um.named_parameters() if p.requires_grad}
+
+    assert any(float(g.abs().max()) > 1e-4 for g in grads.values())  # the comparison is not between zeros
+    for r, got in enumerate(ranks):
+        assert got["world"] == 2
+        assert got["loss"] == pytest.approx(loss.item(), abs=1e-6), f"rank {r}"
+        assert got["grads"].keys() == grads.keys()
+        for name, g in grads.items():
+            # (a missing world_size scaling would be off by a factor of 2, a missing gather by far more)
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-6, msg=f"rank {r}: {name}")
+
+
+def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task, tmp_path):
+    # Equal by construction: the sampler splits each global batch over the ranks, InfoNCE sees the gathered
+    # global batch with the world_size scaling, and BCE is a local mean over equal local sizes, so DDP's gradient
+    # average is the global mean's gradient. The router's load-balance loss N * sum_i f_i P_i is a product of
+    # batch means, which a per-rank loss cannot reproduce (the usual per-device load balancing), so its weight is
+    # 0 here; z_loss and entropy are per-sequence means and are logged either way.
+    sections = dict(train={"steps": 4, "eval_every": 4, "save_every": 2, "cross_device_negatives": True,
+                           "batch_size": 4, "aux_weights": {"load_balance": 0.0}})
+    ddp_dir, one_dir = str(tmp_path / "ddp"), str(tmp_path / "one")
+    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, ddp_dir, **sections)
+    torchrun(os.path.join(tiny_setup.REPO, "train.py"), cfg_path)
+    train.main([cfg_path, f"--train.out_dir={one_dir}"])
+
+    assert open(os.path.join(ddp_dir, "latest")).read().strip() == "checkpoint-000004"
+    ddp = load_file(os.path.join(train.checkpoint_dir(ddp_dir), "adapters.safetensors"))
+    one = load_file(os.path.join(train.checkpoint_dir(one_dir), "adapters.safetensors"))
+    assert ddp.keys() == one.keys()
+    # Up to fp32 rounding, which Adam amplifies in one place: an entry whose gradient is ~1e-8 (Adam's eps) moves
+    # by lr * g / (|g| + eps), so rounding noise of ~1e-10 in it (the ranks pad their batches to other lengths)
+    # changes its update by ~1e-5; here about one entry in a few hundred of the lora_A tensors, at step 2, where B
+    # is still tiny. So: every entry within 1e-4 (a typical update here is 7e-3: a wrong loss scaling or batch
+    # split moves most entries by ~1e-3), and all but 1% of the entries within 1e-6.
+    for name in one:
+        diff = (ddp[name] - one[name]).abs()
+        assert float(diff.max()) < 1e-4, name
+        assert float((diff > 1e-6).float().mean()) < 0.01, name
+    # The logged InfoNCE is the global batch's mean on both (rank 0 logs it; the DDP scaling is divided out).
+    logs = [[json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (ddp_dir, one_dir)]
+    assert [r["emb"] for r in logs[0]] == pytest.approx([r["emb"] for r in logs[1]], abs=1e-5)
