@@ -27,12 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the in-process reference runs share 2 cores with the torchrun ranks."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors run on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,8 @@ TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync stalls on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors run on one thread (conftest.one_thread)."""
 
 
 def tiny_model(seed: int = 0, dtype=torch.float32) -> CausalLM:

@@ -11,12 +11,8 @@ from router import RouterConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync stalls on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors run on one thread (conftest.one_thread)."""
 
 
 def t(*v, dtype=torch.float32):

@@ -31,12 +31,8 @@ RUN = dict(train={"steps": 8, "save_every": 3, "eval_every": 2}, adapters={"drop
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine has 2 shared cores, and oversubscription makes tiny steps 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors run on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
