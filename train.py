@@ -598,6 +598,9 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu") -> UniMoER:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: config.yaml missing from the checkpoint")
     cfg = load_config(cfg_path)
+    run_base = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "base")
+    if not os.path.isdir(cfg.model.path) and os.path.isdir(run_base):
+        cfg.model.path = run_base  # the tiny base travels with its run directory (model.path was relative)
     um = build_model(cfg, torch.device(device))
     moe_lora.detach(um.base)  # the file's own spec rebuilds the experts exactly
     moe_lora.load_adapters(um.base, os.path.join(ckpt, "adapters.safetensors"))
