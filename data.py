@@ -92,33 +92,28 @@ def _str_field(obj: dict, key: str, where: str, required: bool = True) -> str:
 
 
 # --------------------------------------------------------------------------------------------- BEIR folders
-def load_corpus(data_dir: str) -> dict:
-    """<data_dir>/corpus.jsonl -> {doc_id: {"title": str, "text": str}}; "title" may be absent (-> "")."""
-    path = os.path.join(data_dir, "corpus.jsonl")
-    corpus, first_line = {}, {}
+def _load_by_id(path: str, value) -> dict:
+    """{_id: value(obj, where)} over a BEIR JSONL file; a repeated _id is an error naming both lines."""
+    out, first_line = {}, {}
     for lineno, obj in _jsonl(path):
         where = f"{path}:{lineno}"
-        doc_id = _beir_id(obj, where)
-        if doc_id in corpus:
-            raise DataError(f"{where}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]})")
-        corpus[doc_id] = {"title": _str_field(obj, "title", where, required=False),
-                          "text": _str_field(obj, "text", where)}
-        first_line[doc_id] = lineno
-    return corpus
+        key = _beir_id(obj, where)
+        if key in out:
+            raise DataError(f"{where}: duplicate _id {key!r} (first at line {first_line[key]})")
+        out[key] = value(obj, where)
+        first_line[key] = lineno
+    return out
+
+
+def load_corpus(data_dir: str) -> dict:
+    """<data_dir>/corpus.jsonl -> {doc_id: {"title": str, "text": str}}; "title" may be absent (-> "")."""
+    return _load_by_id(os.path.join(data_dir, "corpus.jsonl"), lambda obj, where: {
+        "title": _str_field(obj, "title", where, required=False), "text": _str_field(obj, "text", where)})
 
 
 def load_queries(data_dir: str) -> dict:
     """<data_dir>/queries.jsonl -> {query_id: text} (other fields, e.g. BEIR's "metadata", are ignored)."""
-    path = os.path.join(data_dir, "queries.jsonl")
-    queries, first_line = {}, {}
-    for lineno, obj in _jsonl(path):
-        where = f"{path}:{lineno}"
-        qid = _beir_id(obj, where)
-        if qid in queries:
-            raise DataError(f"{where}: duplicate _id {qid!r} (first at line {first_line[qid]})")
-        queries[qid] = _str_field(obj, "text", where)
-        first_line[qid] = lineno
-    return queries
+    return _load_by_id(os.path.join(data_dir, "queries.jsonl"), lambda obj, where: _str_field(obj, "text", where))
 
 
 QRELS_HEADER = ["query-id", "corpus-id", "score"]
