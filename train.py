@@ -40,7 +40,7 @@ import data
 import evaluate
 import moe_lora
 from model import CausalLM, ModelConfig, last_token_positions, load_pretrained, load_tokenizer
-from router import RouterConfig
+from router import LearnedRouter, RouterConfig
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
 MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")
@@ -652,6 +652,70 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
             "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
 
 
+def has_learned_router(um: UniMoER) -> bool:
+    return any(isinstance(h.router, LearnedRouter) for h in _hooks(um))
+
+
+def _hooks(um: UniMoER) -> list:
+    return [m for m in um.base.modules() if isinstance(m, moe_lora.MoEHook)]
+
+
+@torch.no_grad()
+def routing_snapshot(um: UniMoER, queries: Sequence[str], docs: Sequence[str], pairs: Sequence[tuple]) -> dict:
+    """Mean routing weight per expert and mean routing entropy, per task and adapted layer, on the given texts.
+
+    embed: over query and document sequences; rerank: over (query, document) pairs. Weights are in the config's
+    expert order; an always-on expert shows 1. Entropy H = -sum_i p_i log p_i of the routed experts' weights
+    renormalised to sum 1 (nats), per sequence (per token for token-level routing), then averaged.
+    -> {"experts": [names], "embed": {"layers", "weights", "entropy"}, "rerank": {...}}
+    """
+    spec = moe_lora.get_config(um.base)
+    routed = [i for i, e in enumerate(spec.experts) if e.name in spec.routed_experts]
+    was_training = um.training
+    um.eval()
+    out = {"experts": [e.name for e in spec.experts]}
+    batches = {"embed": [um.tokens_queries(list(queries)), um.tokens_documents(list(docs))],
+               "rerank": [um.tokens_pairs([q for q, _ in pairs], [d for _, d in pairs])]}
+    try:
+        for task, toks in batches.items():
+            per_layer = {}
+            for b in toks:
+                ids, mask = b["input_ids"].to(um._device()), b["attention_mask"].to(um._device())
+                task_ids = torch.full((ids.shape[0],), TASKS.index(task), device=ids.device)
+                res = um.base(ids, mask, causal=task == "rerank" or not um.cfg.model.bidirectional,
+                              task_ids=task_ids, capture_routing=True)
+                for layer, w in res.routing:
+                    w = w.float()
+                    if w.dim() == 3:  # per token: keep real tokens only
+                        w = w[mask.to(w.device).bool()]
+                    per_layer.setdefault(layer, []).append(w)  # (N, E)
+            layers = sorted(per_layer)
+            weights, entropy = [], []
+            for layer in layers:
+                w = torch.cat(per_layer[layer])
+                weights.append([round(float(x), 6) for x in w.mean(0)])
+                if routed:
+                    p = w[:, routed].clamp_min(0)
+                    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+                    entropy.append(round(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()), 6))
+                else:
+                    entropy.append(0.0)
+            out[task] = {"layers": layers, "weights": weights, "entropy": entropy}
+    finally:
+        um.train(was_training)
+        moe_lora.clear_routing(um.base)
+    return out
+
+
+def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
+    """A fixed sample for routing_snapshot: the first n dev queries, each with its first judged relevant document."""
+    corpus, queries, qrels = dev
+    qids = sorted(queries)[:n]
+    pairs = [(queries[q], corpus[min(d for d, g in qrels[q].items() if g > 0 and d in corpus)]) for q in qids
+             if any(g > 0 and d in corpus for d, g in qrels[q].items())]
+    return [q for q, _ in pairs], [d for _, d in pairs], pairs
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def lr_at(step: int, cfg: Config) -> tuple:
     """-> (lr, stage index) for optimizer step `step` (0-based): per stage, linear warmup then cosine decay."""
@@ -750,19 +814,23 @@ def main(argv: Sequence[str]) -> None:
     total_steps = sum(st.steps for st in t.stages) if t.stages else t.steps
     dev = load_dev(cfg) if rank == 0 else None
     metrics_path, log_path = os.path.join(t.out_dir, "metrics.jsonl"), os.path.join(t.out_dir, "train_log.jsonl")
+    routing_path = os.path.join(t.out_dir, "routing.jsonl")  # written only when a learned router exists
+    routing_texts = dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None
 
     step, bad_steps = 0, 0
     if resume:
         step, bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt)
         if rank == 0:
-            _truncate_jsonl(metrics_path, step)
-            _truncate_jsonl(log_path, step)
+            for p in (metrics_path, log_path, routing_path):
+                _truncate_jsonl(p, step)
     elif rank == 0:
         save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
-        for p in (metrics_path, log_path):
+        for p in (metrics_path, log_path, routing_path):
             if os.path.exists(p):
                 os.remove(p)
         _append_jsonl(metrics_path, {"step": 0, **dev_evaluate(um, dev, cfg)})
+        if routing_texts:
+            _append_jsonl(routing_path, {"step": 0, **routing_snapshot(um, *routing_texts)})
         print(f"step 0 dev: {json.dumps(json.loads(open(metrics_path).readlines()[-1]))}", flush=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16_autocast \
         else contextlib.nullcontext()
@@ -826,6 +894,8 @@ def main(argv: Sequence[str]) -> None:
             if step % t.eval_every == 0 or step == total_steps:
                 m = {"step": step, **dev_evaluate(um, dev, cfg)}
                 _append_jsonl(metrics_path, m)
+                if routing_texts:
+                    _append_jsonl(routing_path, {"step": step, **routing_snapshot(um, *routing_texts)})
                 bar.write(f"step {step} dev: {json.dumps(m)}")
         if step % t.save_every == 0 or step == total_steps:
             if rank == 0:

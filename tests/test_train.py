@@ -410,3 +410,35 @@ def test_hard_switch_gives_each_task_exactly_its_experts(task, tmp_path, mode):
     want = torch.tensor([[1.0, 0.0] + shared, [0.0, 1.0] + shared, [1.0, 0.0] + shared])
     for _, weights in out.routing:
         assert torch.equal(weights, want)
+
+
+def test_a_learned_router_run_logs_routing_per_task_and_layer_at_each_dev_evaluation(finished_run):
+    _, out, _ = finished_run
+    lines = [json.loads(x) for x in open(os.path.join(out, "routing.jsonl"))]
+    assert [r["step"] for r in lines] == [0, 2, 4, 6, 8]  # the dev evaluations of RUN
+    for r in lines:
+        assert r["experts"] == ["embed", "rerank", "shared"]
+        for task in ("embed", "rerank"):
+            w = np.array(r[task]["weights"])  # (layers, experts)
+            assert w.shape == (1, 3)
+            # softmax over the two routed experts, the always-on shared expert at 1
+            assert np.allclose(w[:, :2].sum(1), 1.0, atol=1e-5) and np.allclose(w[:, 2], 1.0)
+            assert all(0.0 <= h <= np.log(2) + 1e-6 for h in r[task]["entropy"])
+
+
+def test_routing_entropy_is_the_mean_per_sequence_entropy_of_the_routed_weights(finished_run):
+    _, _, um = finished_run
+    queries, docs = ["what tovami", "is ruke"], ["tovami ruke", "ruke"]
+    snap = train.routing_snapshot(um, queries, docs, list(zip(queries, docs)))
+    toks = um.tokens_pairs(queries, docs)
+    out = um.base(toks["input_ids"], toks["attention_mask"], task_ids=torch.ones(2, dtype=torch.long),
+                  capture_routing=True)
+    p = out.routing[0][1][:, :2].double()  # (B, routed experts)
+    want = float(-(p * p.log()).sum(-1).mean())  # by hand: H per sequence, then the mean
+    assert snap["rerank"]["entropy"][0] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_run_without_a_learned_router_writes_no_routing_log(task, tmp_path):
+    cfg_path = write_cfg(tmp_path, task, train={"mode": "hard_switch", "steps": 2, "save_every": 2, "eval_every": 2})
+    train.main([cfg_path])
+    assert not os.path.exists(tmp_path / "run" / "routing.jsonl")
