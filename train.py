@@ -84,6 +84,9 @@ class DataSection:
     max_doc_len: int = 128
     max_pair_len: int = 256  # reranker input, template included
     padding_side: Literal["left", "right"] = "left"
+    # Append the tokenizer's EOS to queries and documents and pool there (Qwen3-Embedding). false pools at the
+    # last text token: for base models whose EOS is a sink or untrained token (SmolLM2: cos ~0.99 between texts)
+    append_eos: bool = True
     embed_instruction: str = data.EMBED_INSTRUCTION
     rerank_instruction: str = data.RERANK_INSTRUCTION
 
@@ -250,7 +253,12 @@ def read_yaml(path: str) -> dict:
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """YAML file + `--section.key=value` overrides (each value parsed as YAML) -> validated Config."""
-    d = read_yaml(path)
+    where = path + (" (with overrides)" if overrides else "")
+    return config_from_dict(apply_overrides(read_yaml(path), overrides), where)
+
+
+def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
+    """Set each `--section.key=value` (value parsed as YAML) in the config mapping d, in place; returns d."""
     for o in overrides:
         if not o.startswith("--") or "=" not in o:
             raise ConfigError(f"override {o!r}: expected --section.key=value")
@@ -262,7 +270,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {o!r}: {p!r} is not a section")
         node[last] = yaml.safe_load(value)
-    where = path + (" (with overrides)" if overrides else "")
+    return d
+
+
+def config_from_dict(d: dict, where: str) -> Config:
     cfg = from_dict(Config, d, where)
     cfg.validate(where)
     return cfg
@@ -303,8 +314,9 @@ class UniMoER(nn.Module):
     """Base + experts + both task heads. Also the encoder interface of evaluate.py (encode_queries,
     encode_documents, score_pairs).
 
-    Embedding: queries `Instruct: {instruction}\\nQuery:{query}` + EOS, documents bare + EOS; the hidden state of
-    the last real token (found from the mask) or, bidirectional only, the first; L2-normalised.
+    Embedding: queries `Instruct: {instruction}\\nQuery:{query}` + EOS, documents bare + EOS (none with
+    data.append_eos false); the hidden state of the last real token (found from the mask) or, bidirectional
+    only, the first; L2-normalised.
     Reranking: RERANK_PREFIX + `<Instruct>: ...\\n<Query>: ...\\n<Document>: ...` (truncated) + RERANK_SUFFIX;
     score = logit("yes") - logit("no") at the last position from those two LM-head rows only (the log-odds of
     Qwen3-Reranker's p(yes)), or a linear head on the last hidden state (ablation).
@@ -328,11 +340,11 @@ class UniMoER(nn.Module):
     def tokens_queries(self, queries: Sequence[str]) -> dict:
         d = self.cfg.data
         texts = [data.format_query(q, d.embed_instruction) for q in queries]
-        return self.tok(texts, d.max_query_len, d.padding_side, add_eos=True)
+        return self.tok(texts, d.max_query_len, d.padding_side, add_eos=d.append_eos)
 
     def tokens_documents(self, docs: Sequence[str]) -> dict:
         d = self.cfg.data
-        return self.tok(list(docs), d.max_doc_len, d.padding_side, add_eos=True)
+        return self.tok(list(docs), d.max_doc_len, d.padding_side, add_eos=d.append_eos)
 
     def tokens_pairs(self, queries: Sequence[str], docs: Sequence[str]) -> dict:
         d = self.cfg.data

@@ -8,11 +8,19 @@ random 64-dimensional subspace plus noise, which is closer to real embeddings th
 
 Part 2, encoding (evaluate.encode_corpus): docs/s for each --encoder on a synthetic corpus (Zipfian words,
 10-300 words per document), through the pipeline (length-sorted batches) and as one direct call in corpus
-order, with ratios vs the first encoder. "bow" is a numpy random-projection bag-of-words encoder, the
-baseline; make_encoder() is where the model's checkpoint encoder gets added.
+order, with ratios vs the first encoder. Encoders (make_encoder):
+  bow         numpy random-projection bag-of-words, the no-model baseline;
+  tiny        a UniMoER at the widths of configs/tiny.yaml (random base, 2 layers of width 64, joint_moe experts);
+  qwen3-0.6b  a UniMoER at Qwen3-0.6B's widths (hidden 1024, 16 / 8 heads of 128, MLP 3072, joint_moe experts
+              r 8 / 8 / 16 on all seven projections) with only --enc-layers layers (of 28) and a small vocabulary;
+              it encodes the first --enc-docs-large documents only (on CPU it manages a few docs/s);
+  DIR         a run, checkpoint or plain HF model directory (evaluate.load_model).
+The random bases are written to a temporary directory (the synthetic task's tokenizer; nothing downloaded).
+Model encoders truncate documents at --max-doc-len tokens. The machine's load average is printed: on shared
+cores the figures move with it.
 
-    python benchmarks/bench_eval.py                      # ~2 minutes on 2 cores
-    python benchmarks/bench_eval.py --n-docs 20000 --dim 256 --enc-docs 2000   # seconds
+    python benchmarks/bench_eval.py                      # 5-12 minutes on 2 shared cores (HNSW / IVF-PQ builds)
+    python benchmarks/bench_eval.py --n-docs 20000 --dim 256 --enc-docs 2000 --encoder bow,tiny   # seconds
 """
 from __future__ import annotations
 
@@ -28,6 +36,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
+
+# Widths of the random bases (train.TinyBase fields): configs/tiny.yaml's, and Qwen3-0.6B's (its config.json:
+# 28 layers; here the layer count comes from --enc-layers).
+TINY_WIDTHS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=192, init_std=0.1)
+QWEN3_06B_WIDTHS = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                        intermediate_size=3072, init_std=0.02)
 
 
 # --------------------------------------------------------------------------------------------- encoders
@@ -56,16 +71,37 @@ class RandomProjectionBowEncoder:
         return np.sum(self._encode(queries) * self._encode(docs), axis=1)
 
 
-def make_encoder(name: str, dim: int):
-    """Encoder by name for the encoding benchmark.
+def random_unimoer(widths: dict, tmp: str, max_doc_len: int):
+    """A UniMoER (joint_moe experts, learned router) over a random base of the given widths, built in `tmp`
+    the way train.py builds the tiny default: the synthetic task's tokenizer, write_tiny_base, build_model."""
+    import torch
 
-    TODO(lead): add the UniMoER checkpoint encoder here (e.g. name = a checkpoint directory), returning an
-    object with encode_queries / encode_documents / score_pairs as documented in evaluate.py.
-    """
+    import data
+    import train
+
+    task = os.path.join(tmp, "task")
+    if not os.path.isdir(task):
+        data.make_synthetic(task, n_docs=300, n_train=200, n_dev=16, n_test=16)  # only its tokenizer is used
+    cfg = train.Config()
+    cfg.data.dir, cfg.data.max_doc_len = task, max_doc_len
+    cfg.model.tiny = train.TinyBase(**widths)
+    base = os.path.join(tmp, f"base-{widths['hidden_size']}x{widths['num_hidden_layers']}")
+    train.write_tiny_base(cfg, base)
+    cfg.model.path = base
+    return train.build_model(cfg, torch.device("cpu")).eval()
+
+
+def make_encoder(name: str, args, tmp: str):
+    """Encoder by name (see the module docstring); every one implements evaluate.py's encoder interface."""
     if name == "bow":
-        return RandomProjectionBowEncoder(dim=dim)
-    raise SystemExit(f"unknown encoder {name!r} (supported: bow)")
-
+        return RandomProjectionBowEncoder(dim=args.dim)
+    if name == "tiny":
+        return random_unimoer(TINY_WIDTHS, tmp, args.max_doc_len)
+    if name == "qwen3-0.6b":
+        return random_unimoer({**QWEN3_06B_WIDTHS, "num_hidden_layers": args.enc_layers}, tmp, args.max_doc_len)
+    if os.path.isdir(name):
+        return ev.load_model(name, "cpu", args.max_doc_len)[0]
+    raise SystemExit(f"unknown encoder {name!r} (bow, tiny, qwen3-0.6b or a run / checkpoint / model directory)")
 
 # --------------------------------------------------------------------------------------------- data
 def vectors(n: int, dim: int, kind: str, rng: np.random.Generator, basis: np.ndarray) -> np.ndarray:
@@ -129,22 +165,39 @@ def bench_search(args) -> None:
 
 
 def bench_encode(args) -> None:
-    texts = synthetic_corpus(args.enc_docs)
-    doc_ids = [f"d{i}" for i in range(len(texts))]
-    print(f"== corpus encoding: {len(texts)} synthetic docs (10-300 words, mean {np.mean([len(t) for t in texts]):.0f} "
-          f"chars), batch size {args.batch_size}")
+    import tempfile
+
+    import torch
+
+    all_texts = synthetic_corpus(args.enc_docs)
+    print(f"== corpus encoding: synthetic docs (10-300 words, mean {np.mean([len(t) for t in all_texts]):.0f} chars), "
+          f"batch size {args.batch_size}, model encoders truncate at {args.max_doc_len} tokens, "
+          f"torch {torch.__version__} on {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     rows = []
-    for name in args.encoder.split(","):
-        encoder = make_encoder(name, args.dim)
-        encoder.encode_documents(texts[:args.batch_size], args.batch_size)  # warm-up
-        _, pipeline = timed(lambda: ev.encode_corpus(encoder, doc_ids, texts, args.batch_size, progress=False))
-        _, direct = timed(lambda: [encoder.encode_documents(texts[i:i + args.batch_size], args.batch_size)
-                                   for i in range(0, len(texts), args.batch_size)])
-        rows.append((name, len(texts) / pipeline, len(texts) / direct))
-    print(f"{'encoder':<10} {'encode_corpus docs/s':>21} {'direct docs/s':>14} {'pipeline/direct':>16} "
-          f"{'vs ' + rows[0][0]:>8}")
-    for name, pipeline, direct in rows:
-        print(f"{name:<10} {pipeline:21.0f} {direct:14.0f} {pipeline / direct:15.2f}x {pipeline / rows[0][1]:7.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.encoder.split(","):
+            encoder = make_encoder(name, args, tmp)
+            texts = all_texts[:args.enc_docs_large] if name == "qwen3-0.6b" else all_texts
+            doc_ids = [f"d{i}" for i in range(len(texts))]
+            with torch.inference_mode():
+                encoder.encode_documents(texts[:args.batch_size], args.batch_size)  # warm-up
+                _, pipeline = timed(lambda: ev.encode_corpus(encoder, doc_ids, texts, args.batch_size,
+                                                             progress=False))
+                _, direct = timed(lambda: [encoder.encode_documents(texts[i:i + args.batch_size], args.batch_size)
+                                           for i in range(0, len(texts), args.batch_size)])
+            label = f"{name} ({args.enc_layers} layers)" if name == "qwen3-0.6b" else name
+            rows.append((label, len(texts), len(texts) / pipeline, len(texts) / direct))
+            del encoder
+    print(f"{'encoder':<24} {'docs':>6} {'encode_corpus docs/s':>21} {'direct docs/s':>14} {'pipeline/direct':>16} "
+          f"{'vs ' + rows[0][0]:>10}")
+    for label, n, pipeline, direct in rows:
+        print(f"{label:<24} {n:6d} {pipeline:21.1f} {direct:14.1f} {pipeline / direct:15.2f}x "
+              f"{pipeline / rows[0][2]:9.4f}x")
+    for label, _, pipeline, _ in rows:
+        if label.startswith("qwen3-0.6b"):
+            print(f"qwen3-0.6b at all 28 layers: about {pipeline * args.enc_layers / 28:.2f} docs/s "
+                  f"(x {args.enc_layers}/28: the layers dominate, not the embedding lookup or the tokenizer)")
 
 
 def main() -> None:
@@ -162,9 +215,12 @@ def main() -> None:
     p.add_argument("--pq-m", type=int, default=64, help="PQ sub-quantizers (must divide --dim)")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")
-    p.add_argument("--encoder", default="bow",
+    p.add_argument("--encoder", default="bow,tiny,qwen3-0.6b",
                    help="comma-separated encoder names (see make_encoder); the first is the baseline of the ratios")
     p.add_argument("--enc-docs", type=int, default=5000)
+    p.add_argument("--enc-docs-large", type=int, default=128, help="documents for the qwen3-0.6b encoder")
+    p.add_argument("--enc-layers", type=int, default=2, help="layers of the qwen3-0.6b encoder (of 28)")
+    p.add_argument("--max-doc-len", type=int, default=128, help="document tokens of the model encoders")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-encode", action="store_true")

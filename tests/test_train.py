@@ -442,3 +442,15 @@ def test_a_run_without_a_learned_router_writes_no_routing_log(task, tmp_path):
     cfg_path = write_cfg(tmp_path, task, train={"mode": "hard_switch", "steps": 2, "save_every": 2, "eval_every": 2})
     train.main([cfg_path])
     assert not os.path.exists(tmp_path / "run" / "routing.jsonl")
+
+
+def test_append_eos_false_pools_at_the_last_text_token(task, tmp_path):
+    # For base models whose EOS is a sink token the embedding must come from the text itself.
+    with_eos = build(write_cfg(tmp_path, task))
+    without = build(write_cfg(tmp_path, task, name="noeos.yaml"), **{"data.append_eos": "false"})
+    texts = ["what tovami", "find me any ruke"]
+    a, b = with_eos.tokens_documents(texts), without.tokens_documents(texts)
+    last = lambda t: t["input_ids"][:, -1].tolist()  # noqa: E731  (left padding: the last column is the end)
+    assert last(a) == [with_eos.tok.eos_id] * 2 and with_eos.tok.eos_id not in last(b)
+    real = lambda t: [ids[m.bool()].tolist() for ids, m in zip(t["input_ids"], t["attention_mask"])]  # noqa: E731
+    assert [r[:-1] for r in real(a)] == real(b)  # the same text tokens, only the EOS dropped

@@ -1,0 +1,800 @@
+"""Analysis of UniMoER runs: task interference, gradient conflict, routing, representation geometry, a report.
+
+    python analysis.py interference ckpt/exp1/*                     # TIR + paired bootstrap per unified mode
+    python analysis.py interference ckpt/exp1/* --data DIR --split test --candidates DIR/bm25.trec
+    python analysis.py interference ckpt/exp1/* --candidates auto   # all rerank emb_only's retrieval
+    python analysis.py gradients ckpt/exp1/joint_moe_s1 --batches 8 # cos(grad L_emb, grad L_rank) per tensor
+    python analysis.py routing ckpt/exp1/joint_moe_s1               # routing weights / entropy per task, layer
+    python analysis.py geometry ckpt/exp1/*                         # CKA, expert spectra, principal angles
+    python analysis.py report ckpt/exp1/* --out runs/analysis/report  # all of the above + PNG plots
+
+Each subcommand writes <out>/<name>.json and <name>.md (default out: runs/analysis) and prints the markdown.
+A checkpoint is a run directory (its latest checkpoint) or a checkpoint directory; its config.yaml gives
+train.mode and train.seed. Without --data every run is evaluated on its own dev set, as training does.
+
+Interference. Per task and dataset each configuration's metric is nDCG@10: retrieval for the embedding task;
+for the reranking task, reranking a fixed candidate list when --candidates (a TREC run per --data) is given, so
+every configuration reorders the same documents ('auto': the lowest-seed emb_only run's retrieval), else the
+retrieve -> rerank (two-stage) figure, where each model reranks its own retrieval: rank_only then retrieves with
+its reranking expert, untrained for embedding, so its two-stage figure mostly measures that first stage.
+Specialists: emb_only for embedding, rank_only for reranking. For each unified mode (trains both tasks)
+
+    TIR = (m_specialist - m_unified) / m_specialist      > 0: the unified model is worse (interference)
+
+per seed: seed i of the mode against seed i of the specialist when both have the same seed set, else against
+the specialist's mean over seeds; reported as mean and std (ddof 1) over seeds.
+Significance: paired two-level bootstrap on D[i, q] = specialist - unified per-query nDCG@10 (seed i, query q;
+the specialist's per-query mean over seeds when seeds do not pair). Each of B = 10000 resamples (numpy
+default_rng(0)) draws S seed rows and Q query columns with replacement (the same queries for every drawn seed:
+queries are paired across seeds) and takes the mean m_b. 95% CI: the 2.5 / 97.5 percentiles of m_b. Two-sided
+p-value of "mean difference 0" from the null distribution m_b - m (the bootstrap shifted to mean 0):
+p = (1 + #{b : |m_b - m| >= |m|}) / (1 + B). Identical systems give p = 1; a constant gain gives 1 / (1 + B).
+
+Gradients. For training batches (data.TrainSampler as train.py builds them, steps spread evenly over the run),
+L_emb = alpha * info_nce_loss and L_rank = beta * bce_loss / group_ce_loss (train.py's own losses) on separate
+backward passes, in eval mode (no dropout, no router jitter). Per layer and projection: cos(g_emb, g_rank) and
+||g_emb|| / ||g_rank|| on each expert's [A_e, B_e] rank slots, each layer's router, and the frozen base weight
+as a probe (requires_grad switched on for the analysis only). A tensor only one task reaches (cos undefined) is
+not shared. Conflict fraction: batches with cos < 0 (PCGrad's criterion).
+
+Routing: train.routing_snapshot on dev texts (the first --n dev queries, each with its first relevant document);
+over training from <run>/routing.jsonl. Geometry: linear CKA (Kornblith et al. 2019) of the last-token hidden
+state per layer; singular values of each expert's delta s_e B_e A_e and principal angles between experts' column
+spaces (left singular vectors of the deltas).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import moe_lora
+import train
+from model import last_token_positions
+
+SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
+METRIC = "ndcg@10"
+LINEAR_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)_proj$")
+
+
+class AnalysisError(RuntimeError):
+    """A request analysis.py cannot serve (mismatched arguments, matplotlib missing); main prints it alone."""
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def linear_cka(x, y) -> float:
+    """Linear CKA, feature-space form: ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F).
+
+    x (n, p), y (n, q): the same n examples in two representations; X_c, Y_c column-centred. In [0, 1];
+    invariant to orthogonal transforms and isotropic scaling of either side (not to general linear maps).
+    """
+    x, y = (np.asarray(a, dtype=np.float64) for a in (x, y))
+    x, y = x - x.mean(0), y - y.mean(0)
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(np.linalg.norm(y.T @ x) ** 2 / den) if den > 0 else float("nan")
+
+
+def task_interference_ratio(specialist: float, unified: float) -> Optional[float]:
+    """TIR = (specialist - unified) / specialist; None when the specialist scores 0 (undefined)."""
+    return (specialist - unified) / specialist if specialist else None
+
+
+def paired_bootstrap(diff, n_resamples: int = 10000, seed: int = 0, chunk: int = 500) -> dict:
+    """Two-level bootstrap of the mean of diff (S seeds, Q queries): seeds and queries resampled with replacement.
+
+    -> {"mean", "ci95": [lo, hi] (percentiles of the resampled means), "p_value" (two-sided, shifted null:
+    (1 + #{|m_b - m| >= |m|}) / (1 + B)), "n_resamples", "seed"}. Deterministic for a given seed.
+    """
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[None] if d.ndim == 1 else d
+    S, Q = d.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        q_idx = rng.integers(Q, size=(b, Q))  # (b, Q) query columns of each resample
+        s_idx = rng.integers(S, size=(b, S))  # (b, S) seed rows of each resample
+        row_means = d[:, q_idx].mean(-1)  # (S, b): each seed's mean over the drawn queries
+        means[start:start + b] = np.take_along_axis(row_means.T, s_idx, 1).mean(1)
+    m = float(d.mean())
+    p = (1 + int(np.sum(np.abs(means - m) >= abs(m)))) / (1 + n_resamples)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": m, "ci95": [float(lo), float(hi)], "p_value": p, "n_resamples": n_resamples, "seed": seed}
+
+
+def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """spec, uni: {seed: (Q,) per-query metric, the same queries in the same order} -> TIR per seed + bootstrap."""
+    spec_seeds, uni_seeds = sorted(spec), sorted(uni)
+    paired = spec_seeds == uni_seeds
+    spec_mean = np.mean([spec[s] for s in spec_seeds], axis=0)  # (Q,)
+    ref = {s: (spec[s] if paired else spec_mean) for s in uni_seeds}
+    tir = [task_interference_ratio(float(np.mean(ref[s])), float(np.mean(uni[s]))) for s in uni_seeds]
+    defined = [t for t in tir if t is not None]
+    diff = np.stack([ref[s] - uni[s] for s in uni_seeds])  # (S, Q)
+    return {"seeds_paired": paired, "tir_per_seed": tir, "tir_mean": _mean(defined), "tir_std": _std(defined),
+            "bootstrap": paired_bootstrap(diff, n_resamples, seed)}
+
+
+def loss_gradients(params: dict, loss_fn: Callable[[], torch.Tensor]) -> dict:
+    """One backward pass of loss_fn() -> {name: fp32 gradient w.r.t. params[name]} (zeros where it is unused)."""
+    names = list(params)
+    grads = torch.autograd.grad(loss_fn(), [params[n] for n in names], allow_unused=True)
+    return {n: torch.zeros(params[n].shape) if g is None else g.detach().float().cpu() for n, g in zip(names, grads)}
+
+
+def gradient_cosine(params: dict, loss_fn_a: Callable, loss_fn_b: Callable, groups: Optional[dict] = None) -> dict:
+    """cos(g_a, g_b) and the norms per group of tensors, from two separate backward passes.
+
+    params {name: tensor requiring grad}; groups {group: [(param name, index or None)]} (index: a slice tuple
+    into the tensor, e.g. one expert's rank slots), default one group per parameter.
+    -> {group: {"cos": float, or None when either gradient is 0 (a tensor only one loss reaches), "norm_a", "norm_b"}}
+    """
+    ga, gb = loss_gradients(params, loss_fn_a), loss_gradients(params, loss_fn_b)
+    groups = groups or {n: [(n, None)] for n in params}
+    out = {}
+    for group, members in groups.items():
+        a = torch.cat([(ga[n] if i is None else ga[n][i]).reshape(-1) for n, i in members]).double()
+        b = torch.cat([(gb[n] if i is None else gb[n][i]).reshape(-1) for n, i in members]).double()
+        na, nb = float(a.norm()), float(b.norm())
+        out[group] = {"cos": float(a @ b) / (na * nb) if na > 0 and nb > 0 else None, "norm_a": na, "norm_b": nb}
+    return out
+
+
+def principal_angles(a, b) -> np.ndarray:
+    """Principal angles (radians, ascending) between the column spaces of a (d, r1) and b (d, r2).
+
+    Orthonormal bases Q1, Q2 (QR); cos(theta_k) = k-th singular value of Q1^T Q2 (Bjorck & Golub 1973).
+    """
+    q1, _ = np.linalg.qr(np.asarray(a, dtype=np.float64))
+    q2, _ = np.linalg.qr(np.asarray(b, dtype=np.float64))
+    return np.arccos(np.clip(np.linalg.svd(q1.T @ q2, compute_uv=False), -1.0, 1.0))
+
+
+def expert_delta_svd(lin: moe_lora.MoELoRALinear, name: str) -> tuple:
+    """s_e B_e A_e (out, in) of one expert -> (singular values (r,), left singular vectors (out, r)), float64.
+
+    Without forming the delta: B = Q_b R_b, A^T = Q_a R_a, so s B A = Q_b (s R_b R_a^T) Q_a^T and the SVD of the
+    small (r, r) core gives the spectrum; the left singular vectors are Q_b U.
+    """
+    sl = lin.expert_slice(name)
+    scale = float(lin.slot_scale[sl][0])
+    qb, rb = np.linalg.qr(lin.lora_B.detach()[:, sl].double().cpu().numpy())
+    qa, ra = np.linalg.qr(lin.lora_A.detach()[sl].double().cpu().numpy().T)
+    u, s, _ = np.linalg.svd(scale * rb @ ra.T)
+    return s, qb @ u
+
+
+def effective_rank(s) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007); 0 for a zero matrix."""
+    p = np.asarray(s, dtype=np.float64)
+    p = p[p > 0] / p.sum() if p.sum() > 0 else p[:0]
+    return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+
+
+def _mean(xs) -> Optional[float]:
+    return float(np.mean(xs)) if len(xs) else None
+
+
+def _std(xs) -> Optional[float]:
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
+
+
+# ------------------------------------------------------------------------------------------------ runs and data
+def run_info(path: str) -> dict:
+    """A run or checkpoint directory -> {"path", "ckpt", "run_dir", "mode", "seed", "label", "cfg"}."""
+    ckpt = train.checkpoint_dir(path)
+    cfg = train.load_config(os.path.join(ckpt, "config.yaml"))
+    return {"path": path, "ckpt": ckpt, "run_dir": os.path.dirname(os.path.abspath(ckpt)), "mode": cfg.train.mode,
+            "seed": cfg.train.seed, "label": f"{cfg.train.mode}_s{cfg.train.seed}", "cfg": cfg}
+
+
+def load_runs(paths: Sequence[str]) -> list:
+    """run_info of each path; runs are grouped by (mode, seed), so two runs with the same pair are an error."""
+    runs, seen = [run_info(p) for p in paths], {}
+    for r in runs:
+        if r["label"] in seen:
+            raise AnalysisError(f"{seen[r['label']]} and {r['path']} are both mode {r['mode']} seed {r['seed']}; "
+                                "give one run per (mode, seed)")
+        seen[r["label"]] = r["path"]
+    return runs
+
+
+def first_per_mode(runs: list) -> list:
+    """One run per mode (the lowest seed): what the per-model analyses use in a report."""
+    best = {}
+    for r in runs:
+        if r["mode"] not in best or r["seed"] < best[r["mode"]]["seed"]:
+            best[r["mode"]] = r
+    return sorted(best.values(), key=lambda r: train.MODES.index(r["mode"]))
+
+
+def eval_set(cfg: train.Config, data_dir: Optional[str], split: Optional[str]) -> tuple:
+    """-> (name, (corpus texts, queries, qrels)) as evaluate.evaluate_checkpoint picks them: the run's dev set as
+    training cuts it (no data_dir, no split), else the whole split (default test) of data_dir (default data.dir)."""
+    if data_dir is None and split is None:
+        data_dir, split, dev = cfg.data.dir, cfg.data.dev_split, train.load_dev(cfg)
+    else:
+        data_dir, split = data_dir or cfg.data.dir, split or "test"
+        dev = evaluate.load_split(data_dir, split)
+    return os.path.basename(os.path.normpath(data_dir)) + ("" if split == "test" else f"-{split}"), dev
+
+
+def eval_texts(cfg: train.Config, data_dir: Optional[str], split: Optional[str], n: int) -> tuple:
+    """-> (name, (queries, docs, pairs)): the first n judged queries, each with its first relevant document."""
+    name, dev = eval_set(cfg, data_dir, split)
+    return name, train.dev_routing_texts(dev, n)
+
+
+def per_query_metrics(run: dict, data_dir, split, candidates, **eval_kwargs) -> tuple:
+    """evaluate.evaluate_checkpoint -> (dataset name, {"embed": {qid: nDCG@10}, "rerank": {qid: nDCG@10}}).
+
+    It also writes <ckpt>/eval/<dataset>/ (metrics.json, per_query.json, run files)."""
+    m = evaluate.evaluate_checkpoint(run["ckpt"], data_dir, split, candidates=candidates, progress=False,
+                                     **eval_kwargs)
+    pq = m["per_query"]
+    return m["dataset"], {"embed": {q: v[METRIC] for q, v in pq["retrieval"].items()},
+                          "rerank": {q: v[METRIC] for q, v in pq["rerank" if candidates else "two_stage"].items()}}
+
+
+# ------------------------------------------------------------------------------------------------ interference
+def specialist_candidates(runs: list, data_dir, split, **eval_kwargs) -> str:
+    """--candidates auto: the retrieval run of the lowest-seed emb_only checkpoint (evaluate_checkpoint writes it
+    to <ckpt>/eval/<dataset>/run.retrieval.trec), so every configuration reranks the embedding specialist's list."""
+    spec = [r for r in first_per_mode(runs) if r["mode"] == SPECIALIST["embed"]]
+    if not spec:
+        raise AnalysisError("--candidates auto: needs an emb_only run among the checkpoints")
+    m = evaluate.evaluate_checkpoint(spec[0]["ckpt"], data_dir, split, progress=False, **eval_kwargs)
+    return os.path.join(spec[0]["ckpt"], "eval", m["dataset"], "run.retrieval.trec")
+
+
+def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str] = None, candidates: Sequence = (None,),
+                 n_resamples: int = 10000, seed: int = 0, **eval_kwargs) -> dict:
+    """Per dataset and task: each mode's nDCG@10 over its seeds; for each unified mode TIR and the paired bootstrap
+    against the task's specialist (see the module docstring). -> the interference.json dict."""
+    out = {"metric": METRIC, "bootstrap": {"n_resamples": n_resamples, "seed": seed, "levels": "seeds, queries"},
+           "runs": [{"path": r["path"], "mode": r["mode"], "seed": r["seed"]} for r in runs], "datasets": {}}
+    for data_dir, cand in zip(data_dirs, candidates):
+        if cand == "auto":
+            cand = specialist_candidates(runs, data_dir, split, **eval_kwargs)
+        values = {}  # run label -> task -> {qid: value}
+        for r in runs:
+            name, values[r["label"]] = per_query_metrics(r, data_dir, split, cand, **eval_kwargs)
+        tasks = {}
+        for task in train.TASKS:
+            on_task = [r for r in runs if task in train.mode_tasks(r["mode"])]
+            if not on_task:
+                continue
+            qids = sorted(set.intersection(*(set(values[r["label"]][task]) for r in on_task)))
+            by_mode = {}  # mode -> {seed: (Q,) per-query values}
+            for r in sorted(on_task, key=lambda r: (train.MODES.index(r["mode"]), r["seed"])):
+                by_mode.setdefault(r["mode"], {})[r["seed"]] = np.array([values[r["label"]][task][q] for q in qids])
+            spec, rows = by_mode.get(SPECIALIST[task]), {}
+            for mode, seeds in by_mode.items():
+                per_seed = [float(seeds[s].mean()) for s in sorted(seeds)]
+                row = {"role": "specialist" if mode == SPECIALIST[task] else "unified", "seeds": sorted(seeds),
+                       "per_seed": per_seed, "mean": _mean(per_seed), "std": _std(per_seed)}
+                if row["role"] == "unified" and spec is not None:
+                    row.update(compare_to_specialist(spec, seeds, n_resamples, seed))
+                rows[mode] = row
+            stage = "retrieval" if task == "embed" else "rerank" if cand else "two_stage"  # evaluate.py's stages
+            tasks[task] = {"stage": stage, "candidates": cand if task == "rerank" else None,
+                           "specialist": SPECIALIST[task], "num_queries": len(qids), "modes": rows}
+        out["datasets"][name] = tasks
+    return out
+
+
+def _f(x, digits: int = 3, signed: bool = False) -> str:
+    x = None if x is None or x != x else x + 0.0  # None and NaN print as —, -0.0 as 0
+    return "—" if x is None else f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def interference_markdown(res: dict) -> str:
+    lines = ["| task | dataset | mode | seeds | nDCG@10 mean ± std | TIR mean ± std | Δ = spec − unified [95% CI] "
+             "| p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ds, tasks in res["datasets"].items():
+        for task, t in tasks.items():
+            for mode, row in t["modes"].items():
+                b = row.get("bootstrap")
+                tir = f"{_f(row['tir_mean'], signed=True)} ± {_f(row['tir_std'])}" if "tir_mean" in row else \
+                    ("(specialist)" if row["role"] == "specialist" else "no specialist run")
+                delta = "" if not b else \
+                    f"{_f(b['mean'], signed=True)} [{_f(b['ci95'][0], signed=True)}, {_f(b['ci95'][1], signed=True)}]"
+                lines.append(f"| {task} ({t['stage']}) | {ds} | {mode} | {','.join(map(str, row['seeds']))} | "
+                             f"{_f(row['mean'])} ± {_f(row['std'])} | {tir} | {delta} | "
+                             f"{_f(b['p_value'], 4) if b else ''} |")
+    if any(t["stage"] == "two_stage" for tasks in res["datasets"].values() for t in tasks.values()):
+        lines += ["", "rerank (two_stage): each model reranks its own retrieval, so rank_only's figure mostly "
+                  "measures its first stage (its reranking expert, untrained for embedding). `--candidates auto` "
+                  "(or a TREC run) makes every model rerank the same list."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def gradient_groups(um: train.UniMoER, base_probe: bool) -> tuple:
+    """-> (params {name: tensor}, groups {(where, kind): [(param name, index)]}), in module order.
+
+    where "<layer>.<proj>" with kind an expert (its rank slots: rows of A, columns of B) or "base" (the frozen
+    weight, when probing); where "<layer>.router" with kind "router"; where "all": each kind pooled over all
+    layers, and "adapters" (every trainable tensor).
+    """
+    params, groups = {}, {}
+
+    def add(where, kind, members):
+        groups[(where, kind)] = members
+        groups.setdefault(("all", kind), []).extend(members)
+        if kind != "base":
+            groups.setdefault(("all", "adapters"), []).extend(members)
+
+    for name, mod in um.base.named_modules():
+        if isinstance(mod, moe_lora.MoELoRALinear):
+            where = ".".join(LINEAR_NAME.search(name).groups())
+            params[name + ".A"], params[name + ".B"] = mod.lora_A, mod.lora_B
+            for e in mod.expert_names:
+                sl = mod.expert_slice(e)
+                add(where, e, [(name + ".A", (sl, slice(None))), (name + ".B", (slice(None), sl))])
+            if base_probe:
+                params[name + ".W"] = mod.weight
+                add(where, "base", [(name + ".W", None)])
+        elif isinstance(mod, moe_lora.MoEHook) and mod.router is not None:
+            names = [f"{name}.{n}" for n, _ in mod.router.named_parameters()]  # none for a task router
+            params.update(zip(names, mod.router.parameters()))
+            if names:
+                add(f"{mod.layer_idx}.router", "router", [(n, None) for n in names])
+    return params, groups
+
+
+def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) -> dict:
+    """cos(grad L_emb, grad L_rank) per tensor group over n_batches training batches (see the module docstring).
+
+    -> {"label", "mode", "steps", "groups": {where: {kind: {"cos_mean", "cos_std", "conflict_frac", "norm_emb",
+    "norm_rank", "norm_ratio", "n"}}}}; n counts the batches where both gradients are non-zero (shared tensors).
+    """
+    um = train.load_run(run["ckpt"]).eval()  # eval: no dropout or jitter, the deterministic function
+    cfg, t = um.cfg, um.cfg.train
+    train_file = cfg.data.train_file or os.path.join(cfg.data.dir, "train.jsonl")
+    examples = data.read_triples_tsv(train_file) if train_file.endswith(".tsv") else data.read_train_jsonl(train_file)
+    sampler = data.TrainSampler(examples, t.batch_size // t.grad_accum, cfg.data.n_neg, t.seed)
+    total = sum(st.steps for st in t.stages) if t.stages else t.steps
+    steps = sorted(set(np.linspace(0, total - 1, n_batches).round().astype(int).tolist()))
+    group, n_neg = 1 + cfg.data.n_neg, cfg.data.n_neg
+    rank_fn = train.bce_loss if t.rerank_loss == "bce" else train.group_ce_loss
+    params, groups = gradient_groups(um, base_probe)
+    frozen = [p for p in params.values() if not p.requires_grad]
+    per_group = {g: [] for g in groups}
+    try:
+        for p in frozen:  # the probe: gradients on the base weights, for this analysis only
+            p.requires_grad_(True)
+        for step in steps:  # the batch train.py trains on at this step (its first micro-batch)
+            texts = data.gather_texts(examples, sampler.batch(step * t.grad_accum))
+            docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * n_neg:(i + 1) * n_neg]]
+            q_tok, d_tok = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
+            p_tok = um.tokens_pairs([q for q in texts["query"] for _ in range(group)], docs)
+
+            def loss_emb():
+                out = um(queries=q_tok, docs=d_tok)
+                return t.emb_weight * train.info_nce_loss(out["q"], out["d"], t.temperature, cross_device=False)
+
+            def loss_rank():
+                return t.rank_weight * rank_fn(um(pairs=p_tok)["scores"], group)
+
+            for g, v in gradient_cosine(params, loss_emb, loss_rank, groups).items():
+                per_group[g].append(v)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    summary = {}
+    for (where, kind), vals in per_group.items():
+        cos = [v["cos"] for v in vals if v["cos"] is not None]
+        na, nb = float(np.mean([v["norm_a"] for v in vals])), float(np.mean([v["norm_b"] for v in vals]))
+        summary.setdefault(where, {})[kind] = {
+            "cos_mean": _mean(cos), "cos_std": _std(cos), "n": len(cos), "norm_emb": na, "norm_rank": nb,
+            "conflict_frac": float(np.mean([c < 0 for c in cos])) if cos else None,
+            "norm_ratio": na / nb if nb > 0 else None}
+    return {"label": run["label"], "mode": run["mode"], "steps": steps, "groups": summary}
+
+
+def _kinds(groups: dict) -> list:
+    return list(dict.fromkeys(k for where, v in groups.items() if where != "all" for k in v))
+
+
+def gradients_markdown(results: list) -> str:
+    lines = []
+    for res in results:
+        lines += [f"### {res['label']} ({len(res['steps'])} batches, steps {res['steps']})", "",
+                  "| tensors (all layers) | cos(g_emb, g_rank) mean ± std | conflicting (cos < 0) "
+                  "| ‖g_emb‖ / ‖g_rank‖ |",
+                  "|---|---|---|---|"]
+        for kind, v in res["groups"]["all"].items():
+            lines.append(f"| {kind} | {_f(v['cos_mean'], signed=True)} ± {_f(v['cos_std'])} | "
+                         f"{_f(v['conflict_frac'], 2) if v['n'] else 'not shared'} | {_f(v['norm_ratio'], 2)} |")
+        kinds = _kinds(res["groups"])
+        lines += ["", "Mean cosine per layer and projection (—: not shared, only one task reaches it):", "",
+                  "| layer.proj | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        lines += [f"| {where} | " + " | ".join(_f(v.get(k, {}).get("cos_mean"), 2, True) for k in kinds) + " |"
+                  for where, v in res["groups"].items() if where != "all"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def routing(run: dict, texts: dict) -> dict:
+    """train.routing_snapshot on each dataset's texts {name: (queries, docs, pairs)}, and <run>/routing.jsonl.
+
+    -> {"label", "mode", "router": "learned" | "task (fixed weights)", "eval": {dataset: snapshot},
+    "training": [snapshot with "step", ...]}
+    """
+    um = train.load_run(run["ckpt"])
+    spec = moe_lora.get_config(um.base)
+    path = os.path.join(run["run_dir"], "routing.jsonl")
+    training = [json.loads(x) for x in open(path) if x.strip()] if os.path.isfile(path) else []
+    return {"label": run["label"], "mode": run["mode"],
+            "router": "learned" if spec.router.kind == "learned" else "task (fixed weights)",
+            "always_on": [e.name for e in spec.experts if e.name not in spec.routed_experts],
+            "eval": {name: train.routing_snapshot(um, *t) for name, t in texts.items()}, "training": training}
+
+
+def routing_markdown(results: list) -> str:
+    lines = []
+    for res in results:
+        lines += [f"### {res['label']}: router {res['router']}" + (f", always on: {', '.join(res['always_on'])}"
+                                                                   if res["always_on"] else ""), ""]
+        for ds, snap in res["eval"].items():
+            lines += [f"Mean routing weight per expert and mean entropy (nats) on {ds}:", "",
+                      "| task | layer | " + " | ".join(snap["experts"]) + " | entropy |",
+                      "|---" * (len(snap["experts"]) + 3) + "|"]
+            for task in train.TASKS:
+                for layer, w, h in zip(snap[task]["layers"], snap[task]["weights"], snap[task]["entropy"]):
+                    lines.append(f"| {task} | {layer} | " + " | ".join(_f(x) for x in w) + f" | {_f(h)} |")
+            lines.append("")
+        if res["training"]:
+            experts = res["training"][0]["experts"]
+            lines += ["Over training (routing.jsonl; mean over layers):", "",
+                      "| step | task | " + " | ".join(experts) + " | entropy |", "|---" * (len(experts) + 3) + "|"]
+            for snap in res["training"]:
+                for task in train.TASKS:
+                    w = np.mean(snap[task]["weights"], axis=0)
+                    lines.append(f"| {snap['step']} | {task} | " + " | ".join(_f(x) for x in w)
+                                 + f" | {_f(float(np.mean(snap[task]['entropy'])))} |")
+            lines.append("")
+        elif res["router"] != "learned":
+            lines += ["No learned router: the weights above are the mode's fixed task routing.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+@torch.no_grad()
+def hidden_by_layer(um: train.UniMoER, kind: str, items: list, batch_size: int = 32) -> list:
+    """The pooled hidden state per layer: [embeddings, block 1, ..., block L, final norm], each (n, H) float64.
+
+    kind "query" / "doc": the embedding path (its instruction, its pooling); "pair": the reranking path (its
+    template, last token, where the yes/no logits are read).
+    """
+    rows = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        tok = um.tokens_pairs(*zip(*chunk)) if kind == "pair" else \
+            (um.tokens_queries if kind == "query" else um.tokens_documents)(chunk)
+        ids, mask = tok["input_ids"].to(um._device()), tok["attention_mask"].to(um._device())
+        task = train.TASKS.index("rerank" if kind == "pair" else "embed")
+        out = um.base(ids, mask, causal=kind == "pair" or not um.cfg.model.bidirectional, output_hidden_states=True,
+                      task_ids=torch.full((ids.shape[0],), task, device=ids.device))
+        first = kind != "pair" and um.cfg.train.pooling == "first"
+        pos = mask.long().argmax(dim=1) if first else last_token_positions(mask)
+        rows.append([h[torch.arange(ids.shape[0]), pos].double().cpu().numpy()  # (B, H) per layer
+                     for h in out.layer_hidden + [out.hidden]])
+    moe_lora.clear_routing(um.base)
+    return [np.concatenate(layer) for layer in zip(*rows)]
+
+
+def expert_geometry(um: train.UniMoER) -> dict:
+    """Per adapted linear: singular values of each expert's delta s_e B_e A_e and principal angles (degrees)
+    between each pair of experts' column spaces, with the angles of random subspaces of the same sizes as a
+    reference (one draw, default_rng(0)): random low-rank subspaces of a small space are far from orthogonal."""
+    linears, random_ref, rng = {}, {}, np.random.default_rng(0)
+    for name, lin in um.base.named_modules():
+        if not isinstance(lin, moe_lora.MoELoRALinear):
+            continue
+        layer, proj = LINEAR_NAME.search(name).groups()
+        svd = {e: expert_delta_svd(lin, e) for e in lin.expert_names}
+        entry = {"singular_values": {e: s.tolist() for e, (s, _) in svd.items()}, "angles": {}, "random_angles": {}}
+        basis = {e: u[:, s > s.max() * 1e-6] for e, (s, u) in svd.items() if s.max() > 0}  # a zero delta has none
+        for i, a in enumerate(lin.expert_names):
+            for b in lin.expert_names[i + 1:]:
+                if a in basis and b in basis:
+                    dims = (lin.out_features, basis[a].shape[1], basis[b].shape[1])
+                    if dims not in random_ref:
+                        random_ref[dims] = principal_angles(rng.standard_normal(dims[:2]),
+                                                            rng.standard_normal(dims[::2]))
+                    entry["angles"][f"{a}/{b}"] = np.degrees(principal_angles(basis[a], basis[b])).tolist()
+                    entry["random_angles"][f"{a}/{b}"] = np.degrees(random_ref[dims]).tolist()
+        linears[f"{layer}.{proj}"] = entry
+    experts = moe_lora.get_config(um.base).experts
+    summary = {"experts": {}, "pairs": {}}
+    for e in (x.name for x in experts):
+        svs = [np.array(v["singular_values"][e]) for v in linears.values()]
+        summary["experts"][e] = {"top_sv": float(np.mean([s[0] for s in svs])),
+                                 "fro": float(np.mean([np.sqrt((s ** 2).sum()) for s in svs])),
+                                 "effective_rank": float(np.mean([effective_rank(s) for s in svs]))}
+    for pair in sorted({p for v in linears.values() for p in v["angles"]}):
+        angles = np.concatenate([v["angles"][pair] for v in linears.values() if pair in v["angles"]])
+        ref = np.concatenate([v["random_angles"][pair] for v in linears.values() if pair in v["angles"]])
+        summary["pairs"][pair] = {"mean_deg": float(angles.mean()), "min_deg": float(angles.min()),
+                                  "random_mean_deg": float(ref.mean())}
+    return {"linears": linears, "summary": summary}
+
+
+def geometry(runs: list, texts: tuple) -> dict:
+    """CKA across tasks (per model) and across configurations (same texts, per task), expert spectra and angles.
+
+    texts (queries, docs, pairs) with docs[i] the relevant document of queries[i] and pairs[i] = (queries[i],
+    docs[i]). Across tasks: document i on the embedding path vs pair i on the reranking path, per layer. Across
+    configurations: the embedding path on queries + documents, the reranking path on the pairs.
+    """
+    queries, docs, pairs = texts
+    reps, experts = {}, {}
+    for r in runs:
+        um = train.load_run(r["ckpt"])
+        reps[r["label"]] = {k: hidden_by_layer(um, k, list(v)) for k, v in (("query", queries), ("doc", docs),
+                                                                             ("pair", pairs))}
+        experts[r["label"]] = expert_geometry(um)
+    labels = [r["label"] for r in runs]
+    n_layers = len(reps[labels[0]]["doc"])
+    layer_names = ["emb"] + [str(i) for i in range(n_layers - 2)] + ["final"]  # block i's output = layer i
+
+    def cka(x, y):  # None where undefined (a constant side, e.g. the input embedding of an EOS every text ends in)
+        c = linear_cka(x, y)
+        return None if np.isnan(c) else c
+
+    across_tasks = {lab: [cka(d, p) for d, p in zip(reps[lab]["doc"], reps[lab]["pair"])] for lab in labels}
+    across = {}
+    paths = (("embed", lambda x, i: np.vstack([x["query"][i], x["doc"][i]])), ("rerank", lambda x, i: x["pair"][i]))
+    for task, pick in paths:
+        across[task] = [[[cka(pick(reps[a], i), pick(reps[b], i)) for b in labels] for a in labels]
+                        for i in range(n_layers)]  # (layer, config, config)
+    return {"layers": layer_names, "labels": labels, "n_texts": len(pairs), "cka_across_tasks": across_tasks,
+            "cka_across_configs": across, "experts": experts}
+
+
+def geometry_markdown(res: dict) -> str:
+    L = res["layers"]
+    lines = [f"CKA between a document on the embedding path and its (query, document) pair on the reranking path, "
+             f"per layer ({res['n_texts']} pairs):", "", "| model | " + " | ".join(L) + " |",
+             "|---" * (len(L) + 1) + "|"]
+    lines += [f"| {lab} | " + " | ".join(_f(x, 2) for x in v) + " |" for lab, v in res["cka_across_tasks"].items()]
+    for task, per_layer in res["cka_across_configs"].items():
+        lines += ["", f"CKA across configurations, {task} path, final layer:", "",
+                  "| | " + " | ".join(res["labels"]) + " |", "|---" * (len(res["labels"]) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(_f(x, 2) for x in row) + " |"
+                  for a, row in zip(res["labels"], per_layer[-1])]
+    lines += ["", "Experts' deltas s B A (mean over adapted linears) and principal angles between their column spaces:",
+              "", "| model | expert | top singular value | ‖Δ‖_F | effective rank |", "|---|---|---|---|---|"]
+    for lab, g in res["experts"].items():
+        lines += [f"| {lab} | {e} | {_f(v['top_sv'], 4)} | {_f(v['fro'], 4)} | {_f(v['effective_rank'], 2)} |"
+                  for e, v in g["summary"]["experts"].items()]
+    lines += ["", "| model | experts | mean angle (deg) | min angle | random subspaces, mean |",
+              "|---|---|---|---|---|"]
+    for lab, g in res["experts"].items():
+        lines += [f"| {lab} | {p} | {_f(v['mean_deg'], 1)} | {_f(v['min_deg'], 1)} | {_f(v['random_mean_deg'], 1)} |"
+                  for p, v in g["summary"]["pairs"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _plot_interference(plt, res: dict, path: str) -> None:
+    panels = [(ds, task, t) for ds, tasks in res["datasets"].items() for task, t in tasks.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (ds, task, t) in zip(axes[0], panels):
+        modes = list(t["modes"])
+        for i, m in enumerate(modes):
+            row = t["modes"][m]
+            ax.bar(i, row["mean"], yerr=row["std"] or 0, alpha=0.7, capsize=3,
+                   color="tab:gray" if row["role"] == "specialist" else "tab:blue")
+            ax.plot([i] * len(row["per_seed"]), row["per_seed"], "k.", ms=4)
+        ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{task} ({ds})", fontsize=9)
+        ax.set_ylabel("nDCG@10")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_gradients(plt, grads: list, path: str) -> None:
+    fig, axes = plt.subplots(len(grads), 1, figsize=(8, 2.4 * len(grads)), squeeze=False)
+    for ax, res in zip(axes[:, 0], grads):
+        linears = [w for w in res["groups"] if w not in ("all",) and not w.endswith(".router")]
+        for kind in _kinds(res["groups"]):
+            ys = [res["groups"][w].get(kind, {}).get("cos_mean") for w in linears]
+            if any(y is not None for y in ys):
+                ax.plot(range(len(linears)), [np.nan if y is None else y for y in ys], "o-", ms=3, label=kind)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(linears)), linears, rotation=90, fontsize=6)
+        ax.set_ylabel("cos(g_emb, g_rank)")
+        ax.set_title(res["label"], fontsize=9)
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_routing(plt, routs: list, path: str) -> None:
+    fig, axes = plt.subplots(len(routs), 3, figsize=(10, 2.6 * len(routs)), squeeze=False)
+    for row, res in zip(axes, routs):
+        snap = next(iter(res["eval"].values()))
+        routed = [i for i, e in enumerate(snap["experts"]) if e not in res["always_on"]]
+        for ax, task in zip(row, train.TASKS):
+            w = np.array(snap[task]["weights"])  # (layers, experts)
+            for i in routed:
+                ax.plot(snap[task]["layers"], w[:, i], "o-", color=f"C{i}", ms=3, label=snap["experts"][i])
+            ax.set(ylim=(-0.05, 1.05), xlabel="layer", xticks=snap[task]["layers"])
+            ax.set_title(f"{res['label']}: {task} (eval)", fontsize=9)
+        row[0].legend(fontsize=7)
+        for task, style in zip(train.TASKS, ("-", "--")):  # over training: colour = expert, line style = task
+            for i in routed:
+                row[2].plot([s["step"] for s in res["training"]], [np.mean(s[task]["weights"], axis=0)[i]
+                                                                   for s in res["training"]],
+                            style, color=f"C{i}", label=f"{task}: {snap['experts'][i]}")
+        row[2].set_title("over training, mean over layers" if res["training"] else "no routing.jsonl", fontsize=9)
+        row[2].set_xlabel("step")
+        if res["training"]:
+            row[2].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_geometry(plt, geo: dict, labels: list, cka_path: str, spectra_path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, task in zip(axes, ("embed", "rerank")):
+        im = ax.imshow(np.array(geo["cka_across_configs"][task][-1], dtype=float), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(geo["labels"])), geo["labels"], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(geo["labels"])), geo["labels"], fontsize=6)
+        ax.set_title(f"linear CKA across configurations, {task} path", fontsize=8)
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(cka_path, dpi=80)
+    plt.close(fig)
+    cols = min(4, len(labels))
+    fig, axes = plt.subplots(-(-len(labels) // cols), cols, figsize=(3.2 * cols, 2.6 * -(-len(labels) // cols)),
+                             squeeze=False)
+    for ax, lab in zip(axes.flat, labels):
+        lin = geo["experts"][lab]["linears"]
+        for e in next(iter(lin.values()))["singular_values"]:
+            ax.semilogy(np.mean([v["singular_values"][e] for v in lin.values()], axis=0), "o-", ms=3, label=e)
+        ax.set_title(f"{lab}: singular values of s B A", fontsize=8)
+        ax.set_xlabel("index (mean over linears)", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(spectra_path, dpi=80)
+    plt.close(fig)
+
+
+def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None,), n_batches: int = 8,
+           n_texts: int = 64, n_resamples: int = 10000, seed: int = 0, base_probe: bool = True,
+           **eval_kwargs) -> str:
+    """All four analyses into <out>: report.md, their JSON files and PNG plots. -> the path of report.md.
+
+    Interference and CKA across configurations use every run; gradients (unified modes), routing, spectra and
+    angles use one run per mode (the lowest seed).
+    """
+    try:  # plot-only dependency: imported here and nowhere else
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AnalysisError("report: the plots need matplotlib, which is not installed (plot-only, "
+                            "requirements-dev.txt): pip install matplotlib") from None
+    os.makedirs(out, exist_ok=True)
+    picked = first_per_mode(runs)
+    texts = dict(eval_texts(runs[0]["cfg"], d, split, n_texts) for d in data_dirs)
+    inter = interference(runs, data_dirs, split, candidates, n_resamples, seed, **eval_kwargs)
+    grads = [gradient_conflict(r, n_batches, base_probe) for r in picked if len(train.mode_tasks(r["mode"])) == 2]
+    routs = [routing(r, texts) for r in picked]
+    geo = geometry(runs, next(iter(texts.values())))
+    for name, res in (("interference", inter), ("gradients", grads), ("routing", routs), ("geometry", geo)):
+        _write_json(os.path.join(out, f"{name}.json"), res)
+    _plot_interference(plt, inter, os.path.join(out, "interference.png"))
+    if grads:
+        _plot_gradients(plt, grads, os.path.join(out, "gradient_cosine.png"))
+    learned = [r for r in routs if r["router"] == "learned"] or routs
+    _plot_routing(plt, learned, os.path.join(out, "routing.png"))
+    _plot_geometry(plt, geo, [r["label"] for r in picked], os.path.join(out, "cka.png"),
+                   os.path.join(out, "expert_spectra.png"))
+    md = ["# UniMoER analysis report", "", "| run | mode | seed | checkpoint |", "|---|---|---|---|"]
+    md += [f"| {r['label']} | {r['mode']} | {r['seed']} | {r['ckpt']} |" for r in runs]
+    md += ["", "## Task interference", "",
+           "nDCG@10 per configuration (mean ± std over seeds); TIR = (specialist − unified) / specialist, > 0 "
+           "means the unified model is worse; Δ and its 95% CI from a paired bootstrap over seeds and queries "
+           f"({n_resamples} resamples), p two-sided.", "", interference_markdown(inter), "![](interference.png)", "",
+           "## Gradient conflict", "", "cos(∇L_emb, ∇L_rank) on tensors both tasks reach, over training batches; "
+           "base = the frozen weights as a probe.", "", gradients_markdown(grads) if grads else "No unified run.", ""]
+    md += ["![](gradient_cosine.png)", ""] if grads else []
+    md += ["## Routing", "", routing_markdown(routs), "![](routing.png)", "", "## Geometry", "",
+           geometry_markdown(geo), "![](cka.png)", "", "![](expert_spectra.png)", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _write(out: str, name: str, res, md: str) -> None:
+    _write_json(os.path.join(out, f"{name}.json"), res)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="analysis.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cmds = {c: sub.add_parser(c) for c in ("interference", "gradients", "routing", "geometry", "report")}
+    for c, sp in cmds.items():
+        sp.add_argument("ckpts", nargs="+", metavar="CKPT", help="run directories or checkpoint directories")
+        sp.add_argument("--out", default="runs/analysis/report" if c == "report" else "runs/analysis")
+        if c != "gradients":
+            sp.add_argument("--data", action="append", help="BEIR folder (repeatable; geometry uses the first); "
+                            "default: each run's own dev set")
+            sp.add_argument("--split", default=None, help="qrels split of --data (default test)")
+        if c in ("interference", "report"):
+            sp.add_argument("--candidates", action="append", help="TREC run of fixed rerank candidates, one per "
+                            "--data; 'auto': the emb_only run's own retrieval (lowest seed)")
+            sp.add_argument("--resamples", type=int, default=10000)
+            sp.add_argument("--bootstrap-seed", type=int, default=0)
+            sp.add_argument("--max-queries", type=int, default=None)
+            sp.add_argument("--batch-size", type=int, default=None)
+        if c in ("gradients", "report"):
+            sp.add_argument("--batches", type=int, default=8, help="training batches, spread over the run")
+            sp.add_argument("--no-base-probe", action="store_true", help="skip the gradients on the frozen weights")
+        if c in ("routing", "geometry", "report"):
+            sp.add_argument("--n", type=int, default=64, help="dev queries (each with a relevant document)")
+    a = p.parse_args(argv)
+    try:
+        runs = load_runs(a.ckpts)
+        data_dirs = getattr(a, "data", None) or [None]  # None: each run's own dev set
+        candidates = getattr(a, "candidates", None) or [None] * len(data_dirs)
+        if len(candidates) != len(data_dirs):
+            raise AnalysisError(f"--candidates: give one per --data ({len(candidates)} for {len(data_dirs)})")
+        eval_kwargs = {k: getattr(a, k) for k in ("max_queries", "batch_size") if getattr(a, k, None) is not None}
+        texts = {}
+        if a.cmd in ("routing", "geometry"):
+            texts = dict(eval_texts(runs[0]["cfg"], d, a.split, a.n) for d in data_dirs)
+        if a.cmd == "interference":
+            res = interference(runs, data_dirs, a.split, candidates, a.resamples, a.bootstrap_seed, **eval_kwargs)
+            _write(a.out, "interference", res, interference_markdown(res))
+        elif a.cmd == "gradients":
+            res = [gradient_conflict(r, a.batches, not a.no_base_probe) for r in runs]
+            _write(a.out, "gradients", res, gradients_markdown(res))
+        elif a.cmd == "routing":
+            res = [routing(r, texts) for r in runs]
+            _write(a.out, "routing", res, routing_markdown(res))
+        elif a.cmd == "geometry":
+            res = geometry(runs, next(iter(texts.values())))
+            _write(a.out, "geometry", res, geometry_markdown(res))
+        else:
+            path = report(runs, a.out, data_dirs, a.split, candidates, a.batches, a.n, a.resamples,
+                          a.bootstrap_seed, not a.no_base_probe, **eval_kwargs)
+            print(open(path).read())
+            print(f"wrote {path}")
+    except AnalysisError as e:
+        sys.exit(f"analysis.py {a.cmd}: {e}")
+
+
+if __name__ == "__main__":
+    main()
