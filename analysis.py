@@ -360,12 +360,11 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
     """
     um = train.load_run(run["ckpt"]).eval()  # eval: no dropout or jitter, the deterministic function
     cfg, t = um.cfg, um.cfg.train
-    train_file = cfg.data.train_file or os.path.join(cfg.data.dir, "train.jsonl")
-    examples = data.read_triples_tsv(train_file) if train_file.endswith(".tsv") else data.read_train_jsonl(train_file)
+    examples = train.train_examples(cfg)
     sampler = data.TrainSampler(examples, t.batch_size // t.grad_accum, cfg.data.n_neg, t.seed)
     total = sum(st.steps for st in t.stages) if t.stages else t.steps
     steps = sorted(set(np.linspace(0, total - 1, n_batches).round().astype(int).tolist()))
-    group, n_neg = 1 + cfg.data.n_neg, cfg.data.n_neg
+    group = 1 + cfg.data.n_neg
     rank_fn = train.bce_loss if t.rerank_loss == "bce" else train.group_ce_loss
     params, groups = gradient_groups(um, base_probe)
     frozen = [p for p in params.values() if not p.requires_grad]
@@ -374,10 +373,9 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
         for p in frozen:  # the probe: gradients on the base weights, for this analysis only
             p.requires_grad_(True)
         for step in steps:  # the batch train.py trains on at this step (its first micro-batch)
-            texts = data.gather_texts(examples, sampler.batch(step * t.grad_accum))
-            docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * n_neg:(i + 1) * n_neg]]
-            q_tok, d_tok = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
-            p_tok = um.tokens_pairs([q for q in texts["query"] for _ in range(group)], docs)
+            inputs = train.batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum)),
+                                        train.TASKS)
+            q_tok, d_tok, p_tok = inputs["queries"], inputs["docs"], inputs["pairs"]
 
             def loss_emb():
                 out = um(queries=q_tok, docs=d_tok)
@@ -722,22 +720,18 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     md += ["## Routing", "", routing_markdown(routs), "![](routing.png)", "", "## Geometry", "",
            geometry_markdown(geo), "![](cka.png)", "", "![](expert_spectra.png)", ""]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md))
+    evaluate.write_text_atomic(path, "\n".join(md))
     return path
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    evaluate.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _write(out: str, name: str, res, md: str) -> None:
     _write_json(os.path.join(out, f"{name}.json"), res)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(md)
+    evaluate.write_text_atomic(os.path.join(out, f"{name}.md"), md)
     print(md)
 
 

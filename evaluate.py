@@ -77,6 +77,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 from typing import Iterable, Mapping, Optional, Sequence
 
 import faiss
@@ -215,6 +216,23 @@ def _check_id(value: str, what: str) -> None:
         raise EvalError(f"{what} {value!r} cannot be written to a TREC run file (empty or contains whitespace)")
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file so a reader never sees it half-written: a temporary file in the same directory, fsync, then
+    os.replace. Used for every output file of train.py, evaluate.py and analysis.py."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_trec_run(path: str, run: Run, tag: str = "unimoer") -> None:
     """Write `qid Q0 docid rank score tag` lines, atomically (temporary file + os.replace).
 
@@ -230,18 +248,7 @@ def write_trec_run(path: str, run: Run, tag: str = "unimoer") -> None:
         for rank, doc_id in enumerate(rank_documents(docs), start=1):
             _check_id(doc_id, f"doc id (query {qid!r})")
             lines.append(f"{qid} Q0 {doc_id} {rank} {float(docs[doc_id])!r} {tag}\n")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, "".join(lines))
 
 
 def read_trec_run(path: str) -> dict:
@@ -793,20 +800,9 @@ def _git_commit() -> tuple:
 
 
 def _write_json(path: str, obj, indent: Optional[int] = 2) -> None:
-    """Atomically: a temporary file in the same directory, then os.replace."""
     import json
 
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- evaluate a checkpoint

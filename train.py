@@ -280,7 +280,7 @@ def config_from_dict(d: dict, where: str) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    _atomic_write(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
+    evaluate.write_text_atomic(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def adapter_config(cfg: Config) -> moe_lora.MoELoRAConfig:
@@ -486,14 +486,6 @@ def total_loss(out: dict, cfg: Config, group: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ building
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_tiny_base(cfg: Config, out: str) -> None:
     """Write the built-in random base as an HF directory (config.json, model.safetensors, tokenizer files)."""
     from safetensors.torch import save_file
@@ -572,7 +564,7 @@ def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, ke
     if os.path.isdir(final):  # a re-run of the same step after a resume: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _atomic_write(os.path.join(out, "latest"), name + "\n")
+    evaluate.write_text_atomic(os.path.join(out, "latest"), name + "\n")
     old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
@@ -629,7 +621,7 @@ def _truncate_jsonl(path: str, step: int) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-        _atomic_write(path, "".join(lines))
+        evaluate.write_text_atomic(path, "".join(lines))
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -728,6 +720,25 @@ def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
     return [q for q, _ in pairs], [d for _, d in pairs], pairs
 
 
+def train_examples(cfg: Config) -> list:
+    """data.train_file (default <data.dir>/train.jsonl): training JSONL, or MS MARCO triples if it ends in .tsv."""
+    path = cfg.data.train_file or os.path.join(cfg.data.dir, "train.jsonl")
+    return data.read_triples_tsv(path) if path.endswith(".tsv") else data.read_train_jsonl(path)
+
+
+def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
+    """A sampler batch's texts -> UniMoER.forward's token batches: queries + docs (embed), pairs (rerank).
+    Documents are grouped per query, positive first, then its data.n_neg hard negatives; pairs follow them."""
+    n_neg = um.cfg.data.n_neg
+    docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * n_neg:(i + 1) * n_neg]]
+    inputs = {}
+    if "embed" in tasks:
+        inputs["queries"], inputs["docs"] = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
+    if "rerank" in tasks:
+        inputs["pairs"] = um.tokens_pairs([q for q in texts["query"] for _ in range(1 + n_neg)], docs)
+    return inputs
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def lr_at(step: int, cfg: Config) -> tuple:
     """-> (lr, stage index) for optimizer step `step` (0-based): per stage, linear warmup then cosine decay."""
@@ -818,8 +829,7 @@ def main(argv: Sequence[str]) -> None:
     params = trainable_parameters(um)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    train_file = cfg.data.train_file or os.path.join(cfg.data.dir, "train.jsonl")
-    examples = data.read_triples_tsv(train_file) if train_file.endswith(".tsv") else data.read_train_jsonl(train_file)
+    examples = train_examples(cfg)
     per_micro = t.batch_size // t.grad_accum  # the sampler's global batch is one micro-step over all ranks
     sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
     group = 1 + cfg.data.n_neg
@@ -860,13 +870,7 @@ def main(argv: Sequence[str]) -> None:
         um.train()
         logs, finite = {}, True
         for micro in range(t.grad_accum):
-            texts = data.gather_texts(examples, sampler.batch(step * t.grad_accum + micro))
-            docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * cfg.data.n_neg:(i + 1) * cfg.data.n_neg]]
-            inputs = {}
-            if "embed" in tasks:
-                inputs["queries"], inputs["docs"] = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
-            if "rerank" in tasks:
-                inputs["pairs"] = um.tokens_pairs([q for q in texts["query"] for _ in range(group)], docs)
+            inputs = batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum + micro)), tasks)
             sync = contextlib.nullcontext() if world == 1 or micro == t.grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast:
