@@ -58,7 +58,7 @@ import data
 import evaluate
 import moe_lora
 import train
-from model import last_token_positions
+from model import CheckpointError, last_token_positions
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
 METRIC = "ndcg@10"
@@ -786,8 +786,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                           a.bootstrap_seed, not a.no_base_probe, **eval_kwargs)
             print(open(path).read())
             print(f"wrote {path}")
-    except AnalysisError as e:
-        sys.exit(f"analysis.py {a.cmd}: {e}")
+    except (AnalysisError, ValueError, OSError, CheckpointError) as e:  # + ConfigError, DataError, EvalError, ...
+        sys.exit(f"analysis.py {a.cmd}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -238,3 +238,9 @@ def test_report_without_matplotlib_fails_with_a_clear_message(runs, tmp_path, mo
     with pytest.raises(analysis.AnalysisError, match="pip install matplotlib"):
         analysis.report([analysis.run_info(runs[1][0])], str(tmp_path / "report"))
     assert not os.path.exists(tmp_path / "report")
+
+
+def test_a_wrong_checkpoint_path_is_one_error_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        analysis.main(["routing", str(tmp_path / "nowhere")])
+    assert "nowhere: no checkpoint here" in str(e.value) and "\n" not in str(e.value)
