@@ -230,12 +230,12 @@ class ForwardContext:
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     task_ids: Optional[torch.Tensor] = None  # (B,) task of each sequence, for task-explicit routers
     capture: bool = False  # record routing weights for analysis
-    aux: dict = field(default_factory=dict)  # name -> list of per-layer scalar losses
+    aux: dict = field(default_factory=dict)  # name -> list of per-layer router.AuxStat
     routing: list = field(default_factory=list)  # captured (layer, weights) when capture is on
     done: bool = False  # set when the forward returns: a checkpoint recompute in backward adds nothing more
     shared: dict = field(default_factory=dict)  # scratch for hooks, e.g. weights computed once for all layers
 
-    def add_aux(self, name: str, value: torch.Tensor) -> None:
+    def add_aux(self, name: str, value) -> None:
         if not self.done:
             self.aux.setdefault(name, []).append(value)
 
@@ -244,8 +244,9 @@ class ForwardContext:
 class ModelOutput:
     hidden: torch.Tensor  # (B, T, H) after the final norm
     layer_hidden: Optional[list] = None  # [embeddings, block 1, ..., block L] (B, T, H) each, before the final norm
-    aux: dict = field(default_factory=dict)  # router auxiliary losses, each the mean over layers; {} for the base
+    aux: dict = field(default_factory=dict)  # router auxiliary losses of this call, each the mean over layers
     routing: Optional[list] = None  # [(layer, weights (B, E) or (B, T, E))] when capture_routing=True
+    aux_stats: dict = field(default_factory=dict)  # name -> [router.AuxStat per layer], to finalise over many calls
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -317,8 +318,9 @@ class CausalLM(nn.Module):
             if output_hidden_states:
                 layer_hidden.append(x)
         ctx.done = True
-        aux = {name: torch.stack(values).mean() for name, values in ctx.aux.items()}
-        return ModelOutput(self.model.norm(x), layer_hidden, aux, ctx.routing if capture_routing else None)
+        aux = {name: torch.stack([s.finalize() for s in stats]).mean() for name, stats in ctx.aux.items()}
+        return ModelOutput(self.model.norm(x), layer_hidden, aux, ctx.routing if capture_routing else None,
+                           dict(ctx.aux))
 
     def lm_logits(self, hidden: torch.Tensor, positions: Optional[torch.Tensor] = None,
                   token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,7 +16,9 @@ stays float64, which is what gradcheck needs). Names and references:
 Auxiliary losses (each a scalar, padding excluded by an optional mask): switch_load_balance (N * sum_i f_i P_i),
 z_loss (mean logsumexp^2), entropy (mean Shannon entropy of the routing distribution). A LearnedRouter computes the
 ones its config lists whenever grad is enabled (training; also on a checkpoint recompute, which must replay the same
-ops) and skips them under no_grad.
+ops) and skips them under no_grad. It returns them as AuxStat sufficient statistics (sums and unit counts), not as
+finished means, so the trainer can finalise each loss over any union of units: the query, document and pair calls
+of one optimizer step together, and all ranks (Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
 
 Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
 one-hot, or multi-hot) and LearnedRouter (linear or prototype-similarity scores on the pooled or per-token block
@@ -194,13 +196,63 @@ def dynmole_hybrid(z: torch.Tensor, top_p: float = 0.75, min_k: int = 2, thresho
 
 
 # --------------------------------------------------------------------------------------------- auxiliary losses
-def _unit_mean(x: torch.Tensor, mask: Optional[torch.Tensor], event_dims: int) -> torch.Tensor:
-    """Mean of x over its unit dims (all but the last event_dims), counting only units where mask == 1."""
+@dataclass
+class AuxStat:
+    """Sufficient statistics of one auxiliary loss over a set of routed units (sequences, or non-pad tokens).
+
+    Mean-type losses (z_loss, entropy, ...): `total` = sum over the units of the per-unit value (scalar, with grad).
+    Load balance: `total` = (E,) sum over the units of the router probabilities (with grad) and `dispatch` = (E,) sum
+    of the units' dispatch fractions (no grad). `count` = number of units. Stats of disjoint unit sets add up (+), and
+    finalize() turns the sum into the loss over their union: a mean, or N * sum_i f_i P_i.
+    """
+    total: torch.Tensor
+    count: torch.Tensor
+    dispatch: Optional[torch.Tensor] = None
+
+    def __add__(self, other: "AuxStat") -> "AuxStat":
+        if (self.dispatch is None) != (other.dispatch is None):
+            raise ValueError("AuxStat: cannot add a load-balance stat to a mean-type stat")
+        return AuxStat(self.total + other.total, self.count + other.count,
+                       None if self.dispatch is None else self.dispatch + other.dispatch)
+
+    def finalize(self) -> torch.Tensor:
+        n = self.count.clamp(min=1)
+        if self.dispatch is None:
+            return self.total / n
+        return self.total.shape[-1] * ((self.dispatch / n) * (self.total / n)).sum()
+
+
+def _unit_sum(x: torch.Tensor, mask: Optional[torch.Tensor], event_dims: int) -> tuple:
+    """(sum of x over its unit dims, number of units), counting only units where mask == 1."""
     if mask is None:
-        return x.reshape(-1, *x.shape[x.dim() - event_dims:]).mean(0)
+        flat = x.reshape(-1, *x.shape[x.dim() - event_dims:])
+        return flat.sum(0), torch.tensor(float(flat.shape[0]), device=x.device)
     m = mask.to(x.dtype).reshape(*mask.shape, *([1] * event_dims))
     dims = tuple(range(mask.dim()))
-    return (x * m).sum(dims) / m.sum(dims).clamp(min=1)
+    return (x * m).sum(dims), mask.to(x.dtype).sum()
+
+
+def _dispatch_fractions(probs: torch.Tensor, dispatch: Optional[torch.Tensor]) -> torch.Tensor:
+    """(..., N) fraction of each unit sent to each expert: the argmax (Switch top-1) or `dispatch` split evenly."""
+    if dispatch is None:
+        return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+    dispatch = dispatch.to(probs.dtype)
+    return dispatch / dispatch.sum(-1, keepdim=True).clamp(min=1)
+
+
+def load_balance_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      dispatch: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of switch_load_balance: finalize() of the sum over unit sets is the loss over their union."""
+    probs = _up(probs)
+    f, count = _unit_sum(_dispatch_fractions(probs, dispatch).detach(), mask, 1)
+    P, _ = _unit_sum(probs, mask, 1)
+    return AuxStat(P, count, f)
+
+
+def mean_stat(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of a mean-type loss from its per-unit values (...,)."""
+    total, count = _unit_sum(_up(values), mask, 0)
+    return AuxStat(total, count)
 
 
 def switch_load_balance(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -211,29 +263,27 @@ def switch_load_balance(probs: torch.Tensor, mask: Optional[torch.Tensor] = None
     (each unit split evenly over its chosen experts) or, by default, the argmax of probs (Switch's top-1). mask (...)
     excludes padding. Perfect balance gives 1.
     """
-    probs = _up(probs)
-    n = probs.shape[-1]
-    if dispatch is None:
-        dispatch = F.one_hot(probs.argmax(-1), n).to(probs.dtype)
-    else:
-        dispatch = dispatch.to(probs.dtype)
-        dispatch = dispatch / dispatch.sum(-1, keepdim=True).clamp(min=1)
-    f = _unit_mean(dispatch, mask, 1)
-    P = _unit_mean(probs, mask, 1)
-    return n * (f * P).sum()
+    return load_balance_stat(probs, mask, dispatch).finalize()
 
 
 def z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over units of logsumexp(logits)^2."""
-    lse = torch.logsumexp(_up(logits), dim=-1)
-    return _unit_mean(lse.square(), mask, 0)
+    return z_loss_stat(logits, mask).finalize()
+
+
+def z_loss_stat(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
+    return mean_stat(torch.logsumexp(_up(logits), dim=-1).square(), mask)
 
 
 def entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean Shannon entropy -sum p log p (0 log 0 = 0) of the routing distribution; the trainer picks the sign."""
+    return entropy_stat(probs, mask).finalize()
+
+
+def entropy_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
     p = _up(probs)
     h = -(p * p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum(-1)  # finite gradient where a sparse map gives 0
-    return _unit_mean(h, mask, 0)
+    return mean_stat(h, mask)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -366,7 +416,7 @@ class LambdaPredictor(nn.Module):
 class LearnedRouter(nn.Module):
     """Scores on the (pooled or per-token) block input -> routing function -> weights (B, E) or (B, T, E), fp32.
 
-    All parameters are fp32 whatever the base dtype. Returns (weights, aux) with aux {name: scalar} over the units
+    All parameters are fp32 whatever the base dtype. Returns (weights, aux) with aux {name: AuxStat} over the units
     (sequences, or non-pad tokens).
     """
 
@@ -438,9 +488,9 @@ class LearnedRouter(nn.Module):
             probs = torch.softmax(logits, dim=-1) if dense else w
             dispatch = None if fn == "softmax" else (w > 0)
             if "load_balance" in cfg.aux_losses:
-                aux["load_balance"] = switch_load_balance(probs, mask, dispatch)
+                aux["load_balance"] = load_balance_stat(probs, mask, dispatch)
             if "z_loss" in cfg.aux_losses:
-                aux["z_loss"] = z_loss(logits, mask)
+                aux["z_loss"] = z_loss_stat(logits, mask)
             if "entropy" in cfg.aux_losses:
-                aux["entropy"] = entropy(probs, mask)
+                aux["entropy"] = entropy_stat(probs, mask)
         return w, aux

@@ -357,7 +357,7 @@ class UniMoER(nn.Module):
 
     # ---- heads
     def embed(self, batch: dict) -> tuple:
-        """-> (B, H) fp32 L2-normalised embeddings, aux losses."""
+        """-> (B, H) fp32 L2-normalised embeddings, aux-loss stats {name: [router.AuxStat per layer]}."""
         ids, mask = batch["input_ids"].to(self._device()), batch["attention_mask"].to(self._device())
         task = torch.full((ids.shape[0],), TASKS.index("embed"), device=ids.device)
         out = self.base(ids, mask, causal=not self.cfg.model.bidirectional, task_ids=task)
@@ -366,19 +366,19 @@ class UniMoER(nn.Module):
         else:
             pos = mask.long().argmax(dim=1)  # first real token, either padding side
         pooled = out.hidden[torch.arange(ids.shape[0], device=ids.device), pos]  # (B, H)
-        return F.normalize(pooled.float(), dim=-1), out.aux
+        return F.normalize(pooled.float(), dim=-1), out.aux_stats
 
     def rerank_scores(self, batch: dict) -> tuple:
-        """-> (B,) fp32 relevance logits, aux losses."""
+        """-> (B,) fp32 relevance logits, aux-loss stats {name: [router.AuxStat per layer]}."""
         ids, mask = batch["input_ids"].to(self._device()), batch["attention_mask"].to(self._device())
         task = torch.full((ids.shape[0],), TASKS.index("rerank"), device=ids.device)
         out = self.base(ids, mask, task_ids=task)  # the reranker reads causally, like an LM answering yes/no
         last = last_token_positions(mask)
         if self.head is None:
             yes_no = self.base.lm_logits(out.hidden, positions=last, token_ids=self.yes_no).float()  # (B, 2)
-            return yes_no[:, 0] - yes_no[:, 1], out.aux
+            return yes_no[:, 0] - yes_no[:, 1], out.aux_stats
         h = out.hidden[torch.arange(ids.shape[0], device=ids.device), last].float()  # (B, H)
-        return self.head(h).squeeze(-1), out.aux
+        return self.head(h).squeeze(-1), out.aux_stats
 
     def forward(self, queries=None, docs=None, pairs=None) -> dict:
         """One call per step, so DDP sees one forward per backward. Each argument is a token batch or None."""
@@ -391,8 +391,12 @@ class UniMoER(nn.Module):
         if pairs is not None:
             out["scores"], a = self.rerank_scores(pairs)
             aux.append(a)
+        # Each aux loss over the union of the calls' units (queries, documents and pairs together), per layer: the
+        # balance Switch asks of the whole batch, not of each single-task call. out["aux_stats"] keeps the sums.
         names = sorted({k for a in aux for k in a})  # a fixed order: a set's follows PYTHONHASHSEED (per process)
-        out["aux"] = {k: torch.stack([a[k] for a in aux if k in a]).mean() for k in names}
+        out["aux_stats"] = {k: [sum(layer[1:], layer[0]) for layer in zip(*[a[k] for a in aux if k in a])]
+                            for k in names}
+        out["aux"] = {k: torch.stack([st.finalize() for st in v]).mean() for k, v in out["aux_stats"].items()}
         moe_lora.clear_routing(self.base)
         return out
 
