@@ -234,6 +234,7 @@ class ForwardContext:
     routing: list = field(default_factory=list)  # captured (layer, weights) when capture is on
     done: bool = False  # set when the forward returns: a checkpoint recompute in backward adds nothing more
     shared: dict = field(default_factory=dict)  # scratch for hooks, e.g. weights computed once for all layers
+    adapters: bool = True  # False: the hooks switch the experts off (the plain base's output)
 
     def add_aux(self, name: str, value) -> None:
         if not self.done:
@@ -281,6 +282,9 @@ class CausalLM(nn.Module):
         # Tied checkpoints carry no lm_head.weight: the logits use model.embed_tokens.weight.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # Set by moe_lora.attach for a router that reads the whole input first (RouterRetriever):
+        # prepass(model, input_ids, attention_mask, causal, ctx), called before the blocks. None otherwise.
+        self.adapter_prepass = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -288,11 +292,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, causal: bool = True,
                 output_hidden_states: bool = False, task_ids: Optional[torch.Tensor] = None,
-                capture_routing: bool = False) -> ModelOutput:
+                capture_routing: bool = False, adapters: bool = True) -> ModelOutput:
         """input_ids, attention_mask (B, T) -> ModelOutput with hidden (B, T, H).
 
         causal=False gives bidirectional attention over the non-pad tokens (GritLM-style embedding ablation).
-        task_ids (B,) and capture_routing are read only by attached experts' routers (moe_lora.py).
+        task_ids (B,) and capture_routing are read only by attached experts' routers (moe_lora.py); adapters=False
+        runs the plain base with the experts switched off.
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -308,7 +313,9 @@ class CausalLM(nn.Module):
             mask, is_causal = None, True  # no padding: SDPA's own causal path (flash / efficient kernels)
         else:
             mask, is_causal = attention_mask_4d(attention_mask, causal), False
-        ctx = ForwardContext(attention_mask, task_ids, capture_routing)
+        ctx = ForwardContext(attention_mask, task_ids, capture_routing, adapters=adapters)
+        if adapters and self.adapter_prepass is not None:
+            self.adapter_prepass(self, input_ids, attention_mask, causal, ctx)
         layer_hidden = [x] if output_hidden_states else None
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

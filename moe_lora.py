@@ -13,6 +13,11 @@ base `weight`/`bias`, so HF parameter names are unchanged) and sets each block's
 entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
 (not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
 linears. A shared expert is either always on (weight 1, outside the router) or routed, per config.
+
+Router kinds: task (TaskRouter per layer), learned (LearnedRouter per layer, or one at the first adapted layer for
+all; LD-MoLE's lambda predictor shared by all layers unless router.lambda_shared is false) and retriever
+(RouterRetriever: one RetrieverRouter at the first adapted layer for all layers; before the blocks run, a prepass
+embeds the input with the plain base, experts off, see base_embedding; its pilots come from set_pilot_embeddings).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from router import LearnedRouter, RouterConfig, TaskRouter
+from router import BASE_EMBEDDING, LearnedRouter, RetrieverRouter, RouterConfig, TaskRouter, pool
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -241,6 +246,12 @@ class MoEHook(nn.Module):
         self.register_buffer("expert_const", expert_const, persistent=False)  # (E,)
 
     def forward(self, x: torch.Tensor, ctx) -> None:
+        if not ctx.adapters:  # the plain base: a zero gate (the LoRA term adds exact zeros)
+            if self.linears[0].merged_gate is not None:
+                raise RuntimeError("adapters=False on a merged model: unmerge first")
+            for lin in self.linears:
+                lin.gate = self.slot_const.new_zeros(1, 1, self.slot_const.shape[0])
+            return
         if self.linears[0].merged_gate is not None:  # fixed weights merged into the base: nothing to route
             return
         if self.router is not None:
@@ -314,6 +325,7 @@ def attach(model, cfg: MoELoRAConfig):
             for name in rc.task_experts[task]:
                 table[t, routed.index(name)] = 1.0
 
+    first_router = None
     for n, li in enumerate(layers):
         block = model.model.layers[li]
         linears = []
@@ -326,13 +338,18 @@ def attach(model, cfg: MoELoRAConfig):
         router = None
         if routed and rc.kind == "task":
             router = TaskRouter(table)
-        elif routed and (rc.per_layer or n == 0):
-            router = LearnedRouter(model.config.hidden_size, len(routed), rc)
+        elif routed and rc.kind == "retriever" and n == 0:
+            router = RetrieverRouter(model.config.hidden_size, len(routed), rc)
+        elif routed and rc.kind == "learned" and (rc.per_layer or n == 0):
+            shared_lambda = first_router.lam if first_router is not None and rc.lambda_shared else None
+            router = LearnedRouter(model.config.hidden_size, len(routed), rc, shared_lambda=shared_lambda)
+            first_router = first_router or router
         if router is not None:
             router.to(dev)
-        publish = bool(routed) and n == 0 and rc.kind == "learned" and not rc.per_layer
+        publish = bool(routed) and n == 0 and (rc.kind == "retriever" or (rc.kind == "learned" and not rc.per_layer))
         block.adapter_hook = MoEHook(li, linears, router, publish, slot_map.to(dev), slot_const.to(dev),
                                      expert_map.to(dev), expert_const.to(dev))
+    model.adapter_prepass = retriever_prepass if routed and rc.kind == "retriever" else None
     model.moe_lora_config = cfg
     return model
 
@@ -350,6 +367,7 @@ def detach(model):
                     lin.weight, lin.bias = child.weight, child.bias
                     setattr(parent, name, lin)
         block.adapter_hook = None
+    model.adapter_prepass = None
     model.moe_lora_config = None
     return model
 
@@ -375,6 +393,52 @@ def adapter_state_dict(model) -> dict:
 def adapter_parameters(model) -> list:
     """The trainable parameters (for the optimizer)."""
     return [p for p in adapter_state_dict(model).values() if isinstance(p, nn.Parameter)]
+
+
+# --------------------------------------------------------------------------------------------- RouterRetriever
+@torch.no_grad()
+def base_embedding(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """(B, H) fp32 embedding of the input by the frozen base alone (experts off): its final-norm hidden states
+    pooled by router.pooling (mean over non-pad tokens, or the last real token). What RouterRetriever routes on."""
+    out = model(input_ids, attention_mask, causal=causal, adapters=False)
+    return pool(out.hidden, attention_mask.to(out.hidden.device), get_config(model).router.pooling)
+
+
+def retriever_prepass(model, input_ids, attention_mask, causal, ctx) -> None:
+    """CausalLM.adapter_prepass for router kind "retriever": the base embedding into ctx.shared, once per call."""
+    if any(lin.merged_gate is not None for lin in _linears(model)):
+        return  # merged: the routing is fixed, nothing reads the embedding
+    ctx.shared[BASE_EMBEDDING] = base_embedding(model, input_ids, attention_mask, causal)
+
+
+def _retriever(model) -> RetrieverRouter:
+    for m in model.modules():
+        if isinstance(m, RetrieverRouter):
+            return m
+    raise ValueError("set_pilot_embeddings: the model has no RetrieverRouter (router.kind must be 'retriever')")
+
+
+@torch.no_grad()
+def set_pilot_embeddings(model, inputs: dict) -> torch.Tensor:
+    """RouterRetriever pilots from data: inputs {routed expert name: [(input_ids, attention_mask, causal), ...]}
+    -> pilots (E_routed, H), row i = the mean base_embedding over all of expert i's inputs (the centroid of its
+    data, the reference's k = 1). Stored in the router's `pilots` buffer, so save_adapters writes them."""
+    routed = get_config(model).routed_experts
+    missing = [n for n in routed if not inputs.get(n)]
+    if missing:
+        raise ValueError(f"set_pilot_embeddings: no inputs for the routed expert(s) {missing}")
+    was_training = model.training
+    model.eval()
+    try:
+        rows = []
+        for name in routed:
+            embs = [base_embedding(model, ids, mask, causal) for ids, mask, causal in inputs[name]]
+            rows.append(torch.cat(embs).mean(0))
+    finally:
+        model.train(was_training)
+    pilots = torch.stack(rows)
+    _retriever(model).set_pilots(pilots)
+    return pilots
 
 
 # --------------------------------------------------------------------------------------------- save / load

@@ -11,18 +11,25 @@ stays float64, which is what gradcheck needs). Names and references:
     entmax15(z)               1.5-entmax, exact sort-based (Peters et al. 2019)
     entmax_bisect(z, alpha)   alpha-entmax by bisection for any alpha > 1
     dynmole_hybrid(z, ...)    DynMoLE: normalised Tsallis entropy (q = 1.1) above a threshold -> all experts,
-                              else top-p with at least top-k; the softmax weights are NOT renormalised
+                              else the experts with cumulative mass <= top_p, at least top-k; the softmax weights
+                              are NOT renormalised (mikecovlee/DynMoLE, _dynamic_routing)
 
-Auxiliary losses (each a scalar, padding excluded by an optional mask): switch_load_balance (N * sum_i f_i P_i),
-z_loss (mean logsumexp^2), entropy (mean Shannon entropy of the routing distribution). A LearnedRouter computes the
-ones its config lists whenever grad is enabled (training; also on a checkpoint recompute, which must replay the same
-ops) and skips them under no_grad. It returns them as AuxStat sufficient statistics (sums and unit counts), not as
+Auxiliary losses (each a scalar, padding excluded by an optional mask), by their names in AUX_LOSSES:
+    load_balance      Switch N * sum_i f_i P_i; for fn dynmole DynMoLE's own f (mean of the kept weights)
+    z_loss            ST-MoE mean logsumexp^2
+    entropy           mean Shannon entropy of the routing distribution
+    tsallis           DynMoLE's mean normalised Tsallis entropy (q = router.tsallis_q) of the routing distribution
+    lambda_sparsity   LD-MoLE's analytical sparsity loss mean relu(lower_k - lambda) (lambda predictor only)
+    lambda_mean       LD-MoLE's mean (1 - lambda) (lambda predictor only)
+A LearnedRouter computes the ones its config lists (and that apply to its fn) whenever grad is enabled (training;
+also on a checkpoint recompute, which must replay the same ops) and skips them under no_grad. It returns them as AuxStat sufficient statistics (sums and unit counts), not as
 finished means, so the trainer can finalise each loss over any union of units: the query, document and pair calls
 of one optimizer step together, and all ranks (Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
 
 Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
-one-hot, or multi-hot) and LearnedRouter (linear or prototype-similarity scores on the pooled or per-token block
-input, optional task embedding, LD-MoLE lambda predictor, training-only jitter and temperature).
+one-hot, or multi-hot), LearnedRouter (linear or learnable-prototype scores on the pooled or per-token block input,
+optional task embedding, LD-MoLE lambda predictor, temperature at train and eval, training-only jitter) and
+RetrieverRouter (RouterRetriever: the input embedded by the frozen base, top-1 over pilot embeddings, untrained).
 """
 from __future__ import annotations
 
@@ -35,7 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROUTING_FNS = ("softmax", "topk", "sparsemax", "sparsegen", "entmax15", "entmax_bisect", "dynmole")
-AUX_LOSSES = ("load_balance", "z_loss", "entropy")
+AUX_LOSSES = ("load_balance", "z_loss", "entropy", "tsallis", "lambda_sparsity", "lambda_mean")
+ROUTER_KINDS = ("task", "learned", "retriever")
+DYNMOLE_EPS = 1e-5  # DynMoLE adds it to p inside its Tsallis entropy (moe_utils.tsallis_entropy, entropy_eps)
+LDMOLE_EPS = 1e-2  # LD-MoLE: lambda = logsigmoid(MLP(x)) + 1 - eps (GlobalSparsegen eps)
 
 
 def _up(z: torch.Tensor) -> torch.Tensor:
@@ -169,30 +179,46 @@ def entmax_bisect(z: torch.Tensor, alpha: float = 1.5, n_iter: int = 50) -> torc
     return _EntmaxBisect.apply(_up(z), float(alpha), int(n_iter))
 
 
-def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True) -> torch.Tensor:
-    """S_q(p) = (1 - sum p^q) / (q - 1) on the last dim; normalize divides by its maximum (the uniform p), to [0, 1]."""
-    s = (1 - p.pow(q).sum(-1)) / (q - 1)
+def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True, eps: float = 0.0) -> torch.Tensor:
+    """S_q(p) = (1 - sum (p + eps)^q) / (q - 1) on the last dim; normalize divides by its maximum
+    (1 - n^(1 - q)) / (q - 1) (the uniform p, eps 0), to about [0, 1].
+
+    eps: DynMoLE evaluates it on p + eps with eps = DYNMOLE_EPS (moe_peft/common/moe_utils.py, tsallis_entropy).
+    """
+    s = (1 - (p + eps).pow(q).sum(-1)) / (q - 1)
     if normalize:
         n = p.shape[-1]
         s = s / ((1 - n ** (1 - q)) / (q - 1)) if n > 1 else torch.zeros_like(s)
     return s
 
 
-def dynmole_hybrid(z: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
-                   q: float = 1.1) -> torch.Tensor:
-    """DynMoLE hybrid routing on p = softmax(z).
+def dynmole_keep(p: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
+                 q: float = 1.1) -> torch.Tensor:
+    """DynMoLE's expert mask (..., E) bool on routing probabilities p, as mikecovlee/DynMoLE _dynamic_routing:
 
-    Where the normalised Tsallis entropy S_q(p) exceeds `threshold` (the router is unsure) every expert is kept;
-    elsewhere the experts are the smallest prefix of p sorted descending whose mass reaches top_p, and at least
-    min_k of them. Returns p * keep: the kept weights are NOT renormalised (they sum to <= 1), as in DynMoLE.
+        sort p descending; keep expert j (in that order) iff cumsum_{i<=j} p_(i) <= top_p  (its own mass included)
+        keep the first min_k of the order in any case (keep_top_k)
+        if threshold < 1: keep every expert where the normalised Tsallis entropy S_q(p + 1e-5) > threshold
+    Ties are ordered by torch.sort (as in the reference).
     """
-    p = softmax(z)
     ps, idx = p.sort(dim=-1, descending=True)
-    keep_sorted = (ps.cumsum(-1) - ps) < top_p  # mass before this expert has not reached top_p yet
+    keep_sorted = ps.cumsum(-1) <= top_p
     keep_sorted[..., :min_k] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
-    keep = keep | (tsallis_entropy(p, q) > threshold)[..., None]
-    return p * keep
+    if threshold < 1:  # the reference broadcasts only for entropy_threshold < 1
+        keep = keep | (tsallis_entropy(p, q, eps=DYNMOLE_EPS) > threshold)[..., None]
+    return keep
+
+
+def dynmole_hybrid(z: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
+                   q: float = 1.1) -> torch.Tensor:
+    """DynMoLE hybrid routing: p = softmax(z), w = p * dynmole_keep(p) (see there).
+
+    The kept weights are NOT renormalised (they sum to <= 1), as the reference multiplies p by its mask.
+    Reference defaults: top_p 0.75, keep_top_k 2, entropy_threshold 0.9, entropy_index q 1.1 (DynMoleConfig).
+    """
+    p = softmax(z)
+    return p * dynmole_keep(p, top_p, min_k, threshold, q)
 
 
 # --------------------------------------------------------------------------------------------- auxiliary losses
@@ -202,7 +228,7 @@ class AuxStat:
 
     Mean-type losses (z_loss, entropy, ...): `total` = sum over the units of the per-unit value (scalar, with grad).
     Load balance: `total` = (E,) sum over the units of the router probabilities (with grad) and `dispatch` = (E,) sum
-    of the units' dispatch fractions (no grad). `count` = number of units. Stats of disjoint unit sets add up (+), and
+    of the units' dispatch fractions (no grad; DynMoLE's f is the kept weights and carries grad, as its reference). `count` = number of units. Stats of disjoint unit sets add up (+), and
     finalize() turns the sum into the loss over their union: a mean, or N * sum_i f_i P_i.
     """
     total: torch.Tensor
@@ -255,6 +281,53 @@ def mean_stat(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxS
     return AuxStat(total, count)
 
 
+def dynmole_load_balance_stat(probs: torch.Tensor, weights: torch.Tensor,
+                              mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of DynMoLE's load balance N * sum_i f_i P_i (mikecovlee/DynMoLE, _dynamic_load_balancing_loss_func):
+    f_i = mean over the units of the routed weights w_i = p_i * keep_i (not a dispatch count, and with grad, as the
+    reference does not detach it), P_i = mean of the softmax probabilities p_i; padding excluded by mask."""
+    probs, weights = _up(probs), _up(weights)
+    f, count = _unit_sum(weights, mask, 1)
+    P, _ = _unit_sum(probs, mask, 1)
+    return AuxStat(P, count, f)
+
+
+def tsallis_stat(probs: torch.Tensor, q: float = 1.1, mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of DynMoLE's entropy loss: mean over the units of the normalised Tsallis entropy S_q(p + 1e-5)
+    (mikecovlee/DynMoLE: entropy_loss = router_entropy.mean(), weight router_dyn_loss_coef = 0.01). The reference
+    averages over every token row, padding included; here padding is excluded like every other aux loss."""
+    return mean_stat(tsallis_entropy(_up(probs), q, eps=DYNMOLE_EPS), mask)
+
+
+def lambda_lower_bound(u: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """LD-MoLE's lower_k (eshentw/LD-MoLE loss/loss.py, lambda_interval_k): with u sorted descending,
+
+        lower_k = 1 - (sum_{j<=k} u_(j) - k * u_(k+1))
+    sparsegen_lin(u, lambda) keeps at most k experts iff lambda >= lower_k. u is detached (the bound is a target).
+    With E <= k experts any lambda keeps at most k: the bound is -inf (the loss below is then 0).
+    """
+    u = _up(u).detach()
+    if u.shape[-1] <= k:
+        return torch.full(u.shape[:-1], -math.inf, dtype=u.dtype, device=u.device)
+    us = u.sort(dim=-1, descending=True).values
+    return 1.0 - (us[..., :k].sum(-1) - k * us[..., k])
+
+
+def lambda_sparsity_stat(u: torch.Tensor, lam: torch.Tensor, k: int = 2,
+                         mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of LD-MoLE's analytical sparsity loss mean relu(lower_k(u) - lambda) over the units
+    (loss/loss.py RegularizationLoss, k = 2; weight reg_loss_coef). u: the scores fed to sparsegen (..., E);
+    lam: (..., 1) as the LambdaPredictor gives it."""
+    lam = _up(lam).squeeze(-1)
+    return mean_stat(torch.relu(lambda_lower_bound(u, k) - lam), mask)
+
+
+def lambda_mean_stat(lam: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of LD-MoLE's mean (1 - lambda) over the units (loss/loss.py LamSparseLoss; weight lam_loss_coef):
+    minimising it raises lambda, i.e. sparser routing."""
+    return mean_stat(1 - _up(lam).squeeze(-1), mask)
+
+
 def switch_load_balance(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
                         dispatch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch Transformer load balance N * sum_i f_i P_i over the units (sequences or tokens) of probs (..., N).
@@ -290,28 +363,38 @@ def entropy_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Au
 @dataclass
 class RouterConfig:
     """How the routed experts' weights are computed. Plain types only: filled 1:1 from YAML by train.py."""
-    kind: str = "learned"  # "task": fixed weights from task ids (Hard-Switch) | "learned"
+    # "task": fixed weights from task ids (Hard-Switch) | "learned" | "retriever": RouterRetriever (pilot embeddings)
+    kind: str = "learned"
     tasks: list = field(default_factory=lambda: ["embed", "rerank"])  # task_ids index this list
-    task_experts: dict = field(default_factory=lambda: {"embed": ["embed"], "rerank": ["rerank"]})  # kind "task"
+    # kind "task": each task's experts. kind "retriever": an expert's pilot embedding is built from the inputs of the
+    # tasks that list it (an expert listed by both tasks, e.g. a routed shared one, gets both tasks' inputs)
+    task_experts: dict = field(default_factory=lambda: {"embed": ["embed"], "rerank": ["rerank"]})
     fn: str = "softmax"  # one of ROUTING_FNS
     top_k: int = 2  # topk: k; dynmole: at least k experts
     alpha: float = 1.5  # entmax_bisect
     lam: float = 0.0  # sparsegen: fixed lambda (< 1) when lambda_predictor is off
     lambda_predictor: bool = False  # sparsegen: LD-MoLE's lambda = f(x), a small MLP, lambda < 1
-    lambda_hidden: int = 64
+    lambda_hidden: int = 64  # the reference UniversalMLP's default hidden width
+    lambda_shared: bool = True  # one lambda predictor for all layers (LD-MoLE's GlobalSparsegen) | False: per layer
+    sparsity_k: int = 2  # lambda_sparsity aux loss: at most this many experts (reference lambda_interval_k, k = 2)
     top_p: float = 0.75  # dynmole
     entropy_threshold: float = 0.9  # dynmole: normalised Tsallis entropy above this -> all experts
     tsallis_q: float = 1.1  # dynmole
-    scorer: str = "linear"  # "linear": W h + b | "similarity": scale * cos(h, prototype_i) (RouterRetriever)
-    similarity_scale: float = 10.0
+    # "linear": W h + b | "prototype": scale * cos(h, prototype_i), one learnable prototype per expert (random
+    # init, trained with the rest; not RouterRetriever, which is kind "retriever")
+    scorer: str = "linear"
+    prototype_scale: float = 10.0
+    retriever_score: str = "dot"  # kind "retriever": "dot" (the reference's default score_function) | "cos"
+    pilot_examples: int = 256  # kind "retriever": training examples whose inputs build the pilot embeddings
     granularity: str = "sequence"  # "sequence": weights (B, E) from the pooled input | "token": (B, T, E)
     pooling: str = "mean"  # sequence granularity: "mean" over non-pad tokens | "last" token
     per_layer: bool = True  # False: one router, evaluated at the first adapted layer, for all layers
     task_embed_dim: int = 0  # > 0: a learned task embedding is concatenated to the router input
     normalize_input: bool = True  # parameter-free RMS norm of the router input (the block input is un-normed)
     jitter: float = 0.0  # training only: router input scaled by U(1 - jitter, 1 + jitter) (Switch)
-    temperature: float = 1.0  # training only: scores divided by it (eval uses the raw scores)
-    aux_losses: list = field(default_factory=lambda: list(AUX_LOSSES))  # computed when grad is enabled
+    temperature: float = 1.0  # scores divided by it, at train and eval alike (one router function)
+    # computed when grad is enabled, each where it applies (tsallis: any learned router; lambda_*: lambda predictor)
+    aux_losses: list = field(default_factory=lambda: list(AUX_LOSSES))
 
     def __post_init__(self):
         self.validate()
@@ -320,12 +403,20 @@ class RouterConfig:
         def bad(name, why):
             raise ValueError(f"router.{name}: {why} (got {getattr(self, name)!r})")
 
-        if self.kind not in ("task", "learned"):
-            bad("kind", "must be 'task' or 'learned'")
+        if self.kind not in ROUTER_KINDS:
+            bad("kind", f"must be one of {', '.join(ROUTER_KINDS)}")
         if self.fn not in ROUTING_FNS:
             bad("fn", f"must be one of {', '.join(ROUTING_FNS)}")
-        if self.scorer not in ("linear", "similarity"):
-            bad("scorer", "must be 'linear' or 'similarity'")
+        if self.scorer == "similarity":
+            bad("scorer", "'similarity' is now 'prototype' (learnable prototypes); RouterRetriever is kind 'retriever'")
+        if self.scorer not in ("linear", "prototype"):
+            bad("scorer", "must be 'linear' or 'prototype'")
+        if self.retriever_score not in ("dot", "cos"):
+            bad("retriever_score", "must be 'dot' or 'cos'")
+        if self.kind == "retriever" and self.granularity != "sequence":
+            bad("granularity", "kind 'retriever' routes whole inputs: must be 'sequence'")
+        if self.pilot_examples < 1 or self.sparsity_k < 1:
+            bad("pilot_examples" if self.pilot_examples < 1 else "sparsity_k", "must be >= 1")
         if self.granularity not in ("sequence", "token"):
             bad("granularity", "must be 'sequence' or 'token'")
         if self.pooling not in ("mean", "last"):
@@ -396,31 +487,39 @@ class TaskRouter(nn.Module):
 
 
 class LambdaPredictor(nn.Module):
-    """LD-MoLE sparsity factor: lambda = logsigmoid(MLP(x)) + 1 - eps < 1 (any negative value is allowed: denser).
+    """LD-MoLE sparsity factor lambda = logsigmoid(W2 relu(W1 x + b1) + b2) + 1 - eps < 1, eps = 1e-2 (any negative
+    value is allowed: denser than sparsemax), as eshentw/LD-MoLE peft/utils/sparsegen.py (UniversalMLP,
+    GlobalSparsegen).
 
-    Initialised so lambda = 0 (plain sparsemax) at step 0.
+    Init as the reference's default "kaiming" strategy (initialize_sparsegen_weights): both weights Kaiming-uniform
+    (a = sqrt 5), both biases -2.5. Where W1 x < 2.5 elementwise the hidden layer is 0 and lambda = logsigmoid(-2.5)
+    + 0.99 = -1.589 (sparsegen on z / 2.589: denser than sparsemax) at step 0.
     """
+    INIT_BIAS = -2.5
 
-    def __init__(self, in_dim: int, hidden: int = 64, eps: float = 1e-2):
+    def __init__(self, in_dim: int, hidden: int = 64, eps: float = LDMOLE_EPS):
         super().__init__()
         self.eps = eps
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.net[2].weight)
-        target = math.exp(-(1 - eps))  # sigmoid(b) with logsigmoid(b) = -(1 - eps)
-        nn.init.constant_(self.net[2].bias, math.log(target / (1 - target)))
+        for lin in (self.net[0], self.net[2]):
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+            nn.init.constant_(lin.bias, self.INIT_BIAS)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.logsigmoid(self.net(h)) + (1 - self.eps)
 
 
 class LearnedRouter(nn.Module):
-    """Scores on the (pooled or per-token) block input -> routing function -> weights (B, E) or (B, T, E), fp32.
+    """Scores on the (pooled or per-token) block input -> / temperature -> routing function -> weights (B, E) or
+    (B, T, E), fp32. The temperature divides the scores in training and evaluation alike.
 
     All parameters are fp32 whatever the base dtype. Returns (weights, aux) with aux {name: AuxStat} over the units
-    (sequences, or non-pad tokens).
+    (sequences, or non-pad tokens). shared_lambda: an LD-MoLE lambda predictor owned by another router (the first
+    layer's, router.lambda_shared); it is held outside this module's parameters so that it is saved and optimised once.
     """
 
-    def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig):
+    def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig,
+                 shared_lambda: Optional[LambdaPredictor] = None):
         super().__init__()
         self.cfg = cfg
         in_dim = hidden_size + cfg.task_embed_dim
@@ -429,15 +528,16 @@ class LearnedRouter(nn.Module):
             self.proj = nn.Linear(in_dim, n_experts)
             nn.init.zeros_(self.proj.bias)
             self.prototypes = None
-        else:  # one learnable prototype per expert; set_prototypes() puts data-derived ones in (RouterRetriever)
+        else:  # one learnable prototype per expert, random at init
             self.proj = None
             self.prototypes = nn.Parameter(torch.randn(n_experts, in_dim))
-        self.lam = LambdaPredictor(in_dim, cfg.lambda_hidden) if cfg.fn == "sparsegen" and cfg.lambda_predictor else None
+        uses_lambda = cfg.fn == "sparsegen" and cfg.lambda_predictor
+        self.lam = LambdaPredictor(in_dim, cfg.lambda_hidden) if uses_lambda and shared_lambda is None else None
+        self._shared_lam = (shared_lambda,) if uses_lambda and shared_lambda is not None else ()  # not registered
 
-    @torch.no_grad()
-    def set_prototypes(self, prototypes: torch.Tensor) -> None:
-        """prototypes (E, in_dim), e.g. mean block inputs of each expert's domain."""
-        self.prototypes.copy_(prototypes)
+    @property
+    def lambda_predictor(self) -> Optional[LambdaPredictor]:
+        return self.lam if self.lam is not None else (self._shared_lam[0] if self._shared_lam else None)
 
     def features(self, x: torch.Tensor, ctx) -> torch.Tensor:
         cfg = self.cfg
@@ -455,16 +555,20 @@ class LearnedRouter(nn.Module):
             h = torch.cat([h, t], dim=-1)
         return h
 
-    def forward(self, x: torch.Tensor, ctx):
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Router features (..., D) -> scores (..., E), divided by the temperature (train and eval)."""
         cfg = self.cfg
-        h = self.features(x, ctx)
         if self.proj is not None:
             logits = self.proj(h)
         else:
-            logits = cfg.similarity_scale * F.normalize(h, dim=-1) @ F.normalize(self.prototypes, dim=-1).t()
-        if self.training and cfg.temperature != 1.0:
-            logits = logits / cfg.temperature
-        fn = cfg.fn
+            logits = cfg.prototype_scale * F.normalize(h, dim=-1) @ F.normalize(self.prototypes, dim=-1).t()
+        return logits / cfg.temperature if cfg.temperature != 1.0 else logits
+
+    def forward(self, x: torch.Tensor, ctx):
+        cfg = self.cfg
+        h = self.features(x, ctx)
+        logits = self.scores(h)
+        fn, lam = cfg.fn, None
         if fn == "softmax":
             w = softmax(logits)
         elif fn == "topk":
@@ -472,25 +576,80 @@ class LearnedRouter(nn.Module):
         elif fn == "sparsemax":
             w = sparsemax(logits)
         elif fn == "sparsegen":
-            w = sparsegen_lin(logits, self.lam(h) if self.lam is not None else cfg.lam)
+            predictor = self.lambda_predictor
+            lam = predictor(h) if predictor is not None else None  # (..., 1)
+            w = sparsegen_lin(logits, lam if lam is not None else cfg.lam)
         elif fn == "entmax15":
             w = entmax15(logits)
         elif fn == "entmax_bisect":
             w = entmax_bisect(logits, cfg.alpha)
         else:
             w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q)
-
-        aux = {}
         # Only when grad is enabled (training): a checkpoint recompute, also under grad, replays the same ops.
-        if cfg.aux_losses and torch.is_grad_enabled():
-            mask = ctx.attention_mask if w.dim() == 3 else None
-            dense = fn in ("topk", "dynmole")  # P from the full softmax; the other maps use their own output
-            probs = torch.softmax(logits, dim=-1) if dense else w
-            dispatch = None if fn == "softmax" else (w > 0)
-            if "load_balance" in cfg.aux_losses:
-                aux["load_balance"] = load_balance_stat(probs, mask, dispatch)
-            if "z_loss" in cfg.aux_losses:
-                aux["z_loss"] = z_loss_stat(logits, mask)
-            if "entropy" in cfg.aux_losses:
-                aux["entropy"] = entropy_stat(probs, mask)
+        aux = self.aux_stats(logits, w, lam, ctx) if cfg.aux_losses and torch.is_grad_enabled() else {}
         return w, aux
+
+    def aux_stats(self, logits: torch.Tensor, w: torch.Tensor, lam: Optional[torch.Tensor], ctx) -> dict:
+        """{name: AuxStat} of the listed aux losses that apply to this router (see the module docstring)."""
+        cfg, want = self.cfg, set(self.cfg.aux_losses)
+        mask = ctx.attention_mask if w.dim() == 3 else None
+        dense = cfg.fn in ("topk", "dynmole")  # P from the full softmax; the other maps use their own output
+        probs = torch.softmax(_up(logits), dim=-1) if dense else w
+        aux = {}
+        if "load_balance" in want:
+            if cfg.fn == "dynmole":
+                aux["load_balance"] = dynmole_load_balance_stat(probs, w, mask)
+            else:
+                aux["load_balance"] = load_balance_stat(probs, mask, None if cfg.fn == "softmax" else (w > 0))
+        if "z_loss" in want:
+            aux["z_loss"] = z_loss_stat(logits, mask)
+        if "entropy" in want:
+            aux["entropy"] = entropy_stat(probs, mask)
+        if "tsallis" in want:
+            aux["tsallis"] = tsallis_stat(probs, cfg.tsallis_q, mask)
+        if lam is not None and "lambda_sparsity" in want:
+            aux["lambda_sparsity"] = lambda_sparsity_stat(logits, lam, cfg.sparsity_k, mask)
+        if lam is not None and "lambda_mean" in want:
+            aux["lambda_mean"] = lambda_mean_stat(lam, mask)
+        return aux
+
+
+class RetrieverRouter(nn.Module):
+    """RouterRetriever (Lee et al., arXiv 2409.02685; amy-hyunji/RouterRetriever test.py find_expert): the input is
+    embedded once by the frozen base without adapters, e (B, H) (moe_lora.base_embedding: the final-norm hidden
+    states pooled by router.pooling; the reference's Contriever mean-pools), compared with one pilot embedding per
+    expert, c_i = the mean base embedding of that expert's training inputs (get_pilot_embeddings.py with its default
+    k = 1 KMeans cluster, i.e. the centroid), and routed top-1:
+
+        w = one_hot(argmax_i s(e, c_i)),   s = e . c_i ("dot", the reference default) or cos(e, c_i)
+    Nothing here trains: `pilots` (E, H) is a buffer (saved with the adapters), set by moe_lora.set_pilot_embeddings.
+    The forward reads e from ctx.shared[BASE_EMBEDDING], written by moe_lora's prepass before the blocks run.
+    """
+
+    def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("pilots", torch.zeros(n_experts, hidden_size))  # persistent: in adapters.safetensors
+
+    @torch.no_grad()
+    def set_pilots(self, pilots: torch.Tensor) -> None:
+        if pilots.shape != self.pilots.shape:
+            raise ValueError(f"RouterRetriever: pilots must be {list(self.pilots.shape)}, got {list(pilots.shape)}")
+        self.pilots.copy_(pilots)
+
+    def forward(self, x: torch.Tensor, ctx):
+        e = ctx.shared.get(BASE_EMBEDDING)
+        if e is None:
+            raise RuntimeError("RouterRetriever: the base embedding of the input is missing from ctx.shared "
+                               "(call the model through CausalLM.forward with the experts attached)")
+        if not bool(self.pilots.any()):
+            raise RuntimeError("RouterRetriever: no pilot embeddings yet (train.py computes them from the training "
+                               "data at the start of a run; see moe_lora.set_pilot_embeddings)")
+        c = self.pilots
+        if self.cfg.retriever_score == "cos":
+            e, c = F.normalize(e, dim=-1), F.normalize(c, dim=-1)
+        s = _up(e) @ c.t()  # (B, E)
+        return F.one_hot(s.argmax(-1), c.shape[0]).to(s.dtype), {}
+
+
+BASE_EMBEDDING = "router.base_embedding"  # ctx.shared key: (B, H) fp32 embedding of the input by the plain base

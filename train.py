@@ -40,7 +40,7 @@ import data
 import evaluate
 import moe_lora
 from model import CausalLM, ModelConfig, last_token_positions, load_pretrained, load_tokenizer
-from router import LearnedRouter, RouterConfig
+from router import AUX_LOSSES, LearnedRouter, RetrieverRouter, RouterConfig
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
 MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")
@@ -163,9 +163,9 @@ class Config:
                               "set model.bidirectional: true or use 'last'")
         if self.router.tasks != TASKS:
             raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
-        unknown = [k for k in t.aux_weights if k not in ("load_balance", "z_loss", "entropy")]
+        unknown = [k for k in t.aux_weights if k not in AUX_LOSSES]
         if unknown:
-            raise ConfigError(f"{where}: train.aux_weights: unknown aux loss {unknown}")
+            raise ConfigError(f"{where}: train.aux_weights: unknown aux loss {unknown} (known: {', '.join(AUX_LOSSES)})")
         for st in t.stages:
             if st.steps < 1:
                 raise ConfigError(f"{where}: train.stages: steps must be >= 1")
@@ -297,10 +297,10 @@ def adapter_config(cfg: Config) -> moe_lora.MoELoRAConfig:
         experts = [task("embed"), task("rerank")] + ([shared] if mode == "hard_switch_shared" else [])
         shared_mode = "always" if mode == "hard_switch_shared" else None
         router.kind, router.task_experts = "task", {"embed": ["embed"], "rerank": ["rerank"]}
-    else:  # joint_moe, no_shared: a learned router
+    else:  # joint_moe, no_shared: a learned router, or RouterRetriever's untrained one (router.kind "retriever")
         experts = [task("embed"), task("rerank")] + ([shared] if mode == "joint_moe" else [])
         shared_mode = a.shared if mode == "joint_moe" else None
-        router.kind = "learned"
+        router.kind = "retriever" if cfg.router.kind == "retriever" else "learned"
     return moe_lora.MoELoRAConfig(experts=experts, targets=list(a.targets), layers=a.layers, rslora=a.rslora,
                                   dropout=a.dropout, shared=shared_mode, router=router)
 
@@ -661,7 +661,8 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
 
 
 def has_learned_router(um: UniMoER) -> bool:
-    return any(isinstance(h.router, LearnedRouter) for h in _hooks(um))
+    """A router whose weights depend on the input (learned, or RouterRetriever's): worth a routing snapshot."""
+    return any(isinstance(h.router, (LearnedRouter, RetrieverRouter)) for h in _hooks(um))
 
 
 def _hooks(um: UniMoER) -> list:
@@ -722,6 +723,34 @@ def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
     pairs = [(queries[q], corpus[min(d for d, g in qrels[q].items() if g > 0 and d in corpus)]) for q in qids
              if any(g > 0 and d in corpus for d, g in qrels[q].items())]
     return [q for q, _ in pairs], [d for _, d in pairs], pairs
+
+
+def pilot_inputs(um: UniMoER, examples: Sequence[dict]) -> dict:
+    """RouterRetriever's data per routed expert -> {expert: [(input_ids, attention_mask, causal)]}, for
+    moe_lora.set_pilot_embeddings. From the first router.pilot_examples training examples: the embed task's inputs
+    are the formatted queries and their positive documents, the rerank task's the reranker pairs (query, positive)
+    and (query, first negative; the positive again when there is none), 2 inputs per example either way. An expert
+    gets the inputs of every task whose router.task_experts lists it (a routed shared expert: both tasks, i.e. its
+    pilot is the centroid of all inputs)."""
+    rc, spec = um.cfg.router, moe_lora.get_config(um.base)
+    ex = list(examples[:rc.pilot_examples])
+    q, pos = [e["query"] for e in ex], [e["pos"][0] for e in ex]
+    other = [e["neg"][0] if e["neg"] else e["pos"][0] for e in ex]
+    dev = um._device()
+    as_input = lambda b, causal: (b["input_ids"].to(dev), b["attention_mask"].to(dev), causal)  # noqa: E731
+    emb_causal = not um.cfg.model.bidirectional
+    task_inputs = {"embed": [as_input(um.tokens_queries(q), emb_causal), as_input(um.tokens_documents(pos), emb_causal)],
+                   "rerank": [as_input(um.tokens_pairs(q + q, pos + other), True)]}
+    out = {}
+    for task, names in rc.task_experts.items():
+        for name in names:
+            if name in spec.routed_experts and task in task_inputs:
+                out.setdefault(name, []).extend(task_inputs[task])
+    unlisted = [n for n in spec.routed_experts if n not in out]
+    if unlisted:
+        raise ConfigError(f"router.task_experts: the routed expert(s) {unlisted} are listed by no task, so "
+                          "RouterRetriever has no data for their pilot embeddings")
+    return out
 
 
 def train_examples(cfg: Config) -> list:
@@ -834,6 +863,8 @@ def main(argv: Sequence[str]) -> None:
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     examples = train_examples(cfg)
+    if cfg.router.kind == "retriever" and cfg.train.mode in ("joint_moe", "no_shared"):  # RouterRetriever's pilots
+        moe_lora.set_pilot_embeddings(um.base, pilot_inputs(um, examples))  # frozen base: the same on resume
     per_micro = t.batch_size // t.grad_accum  # the sampler's global batch is one micro-step over all ranks
     sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
     group = 1 + cfg.data.n_neg

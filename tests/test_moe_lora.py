@@ -288,7 +288,7 @@ def test_aux_losses_are_returned_by_the_call_as_the_mean_over_layers():
     model = attached(MoELoRAConfig())
     ids, mask, tasks = batch()
     out = model(ids, mask, task_ids=tasks, output_hidden_states=True)
-    assert set(out.aux) == {"load_balance", "z_loss", "entropy"}
+    assert set(out.aux) == {"load_balance", "z_loss", "entropy", "tsallis"}  # lambda_*: lambda predictor only
     ctx = type("Ctx", (), dict(attention_mask=mask, task_ids=tasks, shared={}))()
     per_layer = [blk.adapter_hook.router(out.layer_hidden[i], ctx)[1] for i, blk in enumerate(model.model.layers)]
     for name, value in out.aux.items():
@@ -430,3 +430,164 @@ def test_config_from_dict_rejects_unknown_keys():
         MoELoRAConfig.from_dict({"router": {"topk": 2}})
     with pytest.raises(ValueError, match=r"moe_lora\.experts\[0\]: unknown key"):
         MoELoRAConfig.from_dict({"experts": [{"name": "a", "rank": 8}]})
+
+
+# --------------------------------------------------------------------------------------------- LD-MoLE lambda sharing
+def ldmole_cfg(**router):
+    return MoELoRAConfig(router=RouterConfig(fn="sparsegen", lambda_predictor=True, **router))
+
+
+def test_one_lambda_predictor_serves_all_layers_by_default_and_is_saved_once():
+    model = attached(ldmole_cfg())
+    routers = [b.adapter_hook.router for b in model.model.layers]
+    assert all(r.lambda_predictor is routers[0].lam for r in routers)  # LD-MoLE's GlobalSparsegen
+    lam_keys = [k for k in ML.adapter_state_dict(model) if ".lam." in k]
+    assert lam_keys == ["model.layers.0.adapter_hook.router.lam.net.0.weight",
+                        "model.layers.0.adapter_hook.router.lam.net.0.bias",
+                        "model.layers.0.adapter_hook.router.lam.net.2.weight",
+                        "model.layers.0.adapter_hook.router.lam.net.2.bias"]
+    params = ML.adapter_parameters(model)
+    assert len({id(p) for p in params}) == len(params)  # no parameter listed twice for the optimizer
+    model.train()
+    ids, mask, tasks = batch()
+    out = model(ids, mask, task_ids=tasks)
+    (out.hidden.square().mean() + out.aux["lambda_sparsity"]).backward()
+    assert routers[0].lam.net[0].weight.grad is not None  # gradients from every layer reach the one predictor
+
+
+def test_per_layer_lambda_predictors_as_an_option():
+    model = attached(ldmole_cfg(lambda_shared=False))
+    lams = [b.adapter_hook.router.lambda_predictor for b in model.model.layers]
+    assert len({id(m) for m in lams}) == 3 and all(b.adapter_hook.router.lam is not None for b in model.model.layers)
+
+
+def test_shared_lambda_predictor_round_trips_through_save_and_load(tmp_path):
+    model = attached(ldmole_cfg())
+    with torch.no_grad():
+        for p in ML.adapter_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "adapters.safetensors")
+    ML.save_adapters(model, path)
+    fresh = tiny_model()
+    ML.load_adapters(fresh, path)
+    ids, mask, tasks = batch()
+    assert torch.equal(fresh(ids, mask, task_ids=tasks).hidden, model(ids, mask, task_ids=tasks).hidden)
+
+
+# --------------------------------------------------------------------------------------------- RouterRetriever
+def retriever_cfg(score="dot"):
+    return MoELoRAConfig(shared="routed", router=RouterConfig(kind="retriever", retriever_score=score))
+
+
+def plain_embedding(ids, mask):
+    """The frozen base's embedding computed without any experts: mean of the final-norm states over real tokens."""
+    h = tiny_model()(ids, mask).hidden
+    m = mask.float()[:, :, None]
+    return (h * m).sum(1) / m.sum(1)
+
+
+def three_groups():
+    """Inputs of three 'experts' drawn from disjoint id ranges, so that their base embeddings differ."""
+    g = torch.Generator().manual_seed(5)
+    groups = [torch.randint(lo, lo + 20, (4, 6), generator=g) for lo in (0, 21, 42)]
+    return groups, torch.ones(4, 6, dtype=torch.long)
+
+
+def test_experts_off_gives_the_plain_base_exactly():
+    model = attached(MoELoRAConfig())  # B randomised: the experts do change the output when on
+    ids, mask, tasks = batch()
+    assert not torch.equal(model(ids, mask, task_ids=tasks).hidden, tiny_model()(ids, mask).hidden)
+    assert torch.equal(model(ids, mask, adapters=False).hidden, tiny_model()(ids, mask).hidden)
+
+
+@pytest.mark.parametrize("score", ["dot", "cos"])
+def test_retriever_routes_to_the_expert_whose_pilot_mean_is_nearest(score):
+    model = attached(retriever_cfg(score))
+    groups, mask = three_groups()
+    names = model.moe_lora_config.routed_experts  # embed, rerank, shared
+    pilots = ML.set_pilot_embeddings(model, {n: [(g, mask, True)] for n, g in zip(names, groups)})
+    by_hand = torch.stack([plain_embedding(g, mask).mean(0) for g in groups])  # centroid of each expert's inputs
+    torch.testing.assert_close(pilots, by_hand)
+    ids, qmask = torch.cat([g[:2] for g in groups]), torch.ones(6, 6, dtype=torch.long)  # held-in + mixed inputs
+    ids[1] = torch.randint(0, 63, (6,), generator=torch.Generator().manual_seed(9))
+    e = plain_embedding(ids, qmask)
+    s = F.normalize(e, dim=-1) @ F.normalize(by_hand, dim=-1).t() if score == "cos" else e @ by_hand.t()
+    expected = F.one_hot(s.argmax(-1), 3).float()
+    assert len(set(s.argmax(-1).tolist())) > 1  # the case is not trivial: several experts are chosen
+    out = model(ids, qmask, capture_routing=True)
+    for _, w in out.routing:  # one decision for all layers, top-1
+        torch.testing.assert_close(w, expected)
+
+
+def test_retriever_router_trains_nothing():
+    model = attached(retriever_cfg())
+    groups, mask = three_groups()
+    ML.set_pilot_embeddings(model, {n: [(g, mask, True)] for n, g in zip(model.moe_lora_config.routed_experts, groups)})
+    router = model.model.layers[0].adapter_hook.router
+    assert isinstance(router, R.RetrieverRouter) and list(router.parameters()) == []
+    assert {id(p) for p in ML.adapter_parameters(model)} == {id(p) for lin in ML._linears(model)
+                                                             for p in (lin.lora_A, lin.lora_B)}
+    model.train()
+    ids, mask, tasks = batch()
+    out = model(ids, mask, task_ids=tasks, capture_routing=True)
+    assert out.aux == {} and not out.routing[0][1].requires_grad
+    before = router.pilots.clone()
+    out.hidden.square().mean().backward()
+    assert torch.equal(router.pilots, before) and router.pilots.grad is None
+
+
+def test_retriever_pilots_round_trip_through_save_and_load(tmp_path):
+    model = attached(retriever_cfg())
+    groups, mask = three_groups()
+    ML.set_pilot_embeddings(model, {n: [(g, mask, True)] for n, g in zip(model.moe_lora_config.routed_experts, groups)})
+    path = str(tmp_path / "adapters.safetensors")
+    ML.save_adapters(model, path)
+    with safe_open(path, framework="pt") as f:
+        assert "model.layers.0.adapter_hook.router.pilots" in set(f.keys())
+    fresh = tiny_model()
+    ML.load_adapters(fresh, path)
+    ids, mask, _ = batch()
+    a, b = fresh(ids, mask, capture_routing=True), model(ids, mask, capture_routing=True)
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.routing[0][1], b.routing[0][1])
+
+
+def test_retriever_without_pilots_is_a_clear_error():
+    model = attached(retriever_cfg())
+    ids, mask, _ = batch()
+    with pytest.raises(RuntimeError, match="no pilot embeddings"):
+        model(ids, mask)
+
+
+# --------------------------------------------------------------------------------------------- Experiment 2 configs
+EXP2 = ["topk", "sparsemax", "entmax15", "dynmole", "ldmole", "retriever"]
+
+
+def exp2_model(name: str):
+    """configs/tiny_exp2_<name>.yaml's experts and router on the tiny test base; learned routers get the same
+    projection (seeded, large enough that routing is confident), the retriever pilots from three input groups."""
+    import train
+    spec = train.adapter_config(train.load_config(f"configs/tiny_exp2_{name}.yaml"))
+    model = ML.attach(tiny_model(), spec)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for blk in model.model.layers:
+            r = blk.adapter_hook.router
+            if isinstance(r, R.LearnedRouter):
+                r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g) * 0.5)
+                r.proj.bias.zero_()
+    if spec.router.kind == "retriever":
+        groups, mask = three_groups()
+        ML.set_pilot_embeddings(model, {n: [(gr, mask, True)] for n, gr in zip(spec.routed_experts, groups)})
+    return model
+
+
+@pytest.mark.parametrize("name", EXP2)
+def test_each_experiment2_router_config_routes_differently_from_softmax(name):
+    ids, mask, tasks = batch()
+    ids = torch.cat([ids, three_groups()[0][2][:3]])  # a few inputs the retriever sends to other experts
+    mask, tasks = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)]), torch.cat([tasks, tasks])
+    ref = exp2_model("softmax")(ids, mask, task_ids=tasks, capture_routing=True).routing
+    got = exp2_model(name)(ids, mask, task_ids=tasks, capture_routing=True).routing
+    assert got[0][1].shape == ref[0][1].shape == (6, 3)  # three routed experts: embed, rerank, shared
+    assert not torch.allclose(got[0][1], ref[0][1], atol=1e-3)
+    assert ((got[0][1] == 0) & (ref[0][1] > 0)).any()  # sparse: an expert softmax weighs gets exactly 0

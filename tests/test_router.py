@@ -138,10 +138,113 @@ def test_dynmole_low_entropy_is_top_p_with_at_least_k_and_not_renormalised():
     z = torch.log(t(0.85, 0.1, 0.04, 0.01))
     p = torch.softmax(z, -1)
     assert R.tsallis_entropy(p).item() < 0.9
-    # top_p 0.75: the first expert alone reaches it; min_k 2 keeps the second as well; weights stay p (sum 0.95).
+    # Cumulative mass 0.85, 0.95, 0.99, 1: kept while <= top_p; min_k keeps the first min_k anyway; weights stay p.
     torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.75, min_k=2), p * t(1, 1, 0, 0))
-    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.9, min_k=1), p * t(1, 1, 0, 0))
-    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.97, min_k=1), p * t(1, 1, 1, 0))
+    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.9, min_k=1), p * t(1, 0, 0, 0))
+    torch.testing.assert_close(R.dynmole_hybrid(z, top_p=0.97, min_k=1), p * t(1, 1, 0, 0))
+
+
+# A case where DynMoLE's rule (cumulative mass <= top_p) and "mass before the expert < top_p" differ: sorted
+# p = .6, .12, .10, .08, .06, .04 has cumulative mass .6, .72, .82: the official rule keeps 2 experts at top_p 0.75,
+# the other rule 3 (it also takes the expert that crosses 0.75). Experts are permuted so the scatter back matters.
+DYN_P = [0.10, 0.6, 0.04, 0.12, 0.08, 0.06]  # sorted: experts 1, 3, 0, 4, 5, 2
+DYN_Q, DYN_EPS = 1.1, 1e-5
+
+
+def dyn_tsallis_by_hand(p):
+    """Normalised Tsallis entropy as moe_peft/common/moe_utils.py: (1 - sum (p + eps)^q) / (q - 1) over its max."""
+    n = len(p)
+    return ((1 - sum((x + DYN_EPS) ** DYN_Q for x in p)) / (DYN_Q - 1)) / ((1 - n ** (1 - DYN_Q)) / (DYN_Q - 1))
+
+
+def test_dynmole_support_is_the_cumulative_mass_within_top_p_on_a_hand_case():
+    assert dyn_tsallis_by_hand(DYN_P) == pytest.approx(0.7126, abs=1e-4)  # < 0.9: no broadcast
+    z = torch.log(t(*DYN_P))
+    w = R.dynmole_hybrid(z, top_p=0.75, min_k=1, threshold=0.9)
+    torch.testing.assert_close(w, t(0, 0.6, 0, 0.12, 0, 0))  # 2 experts, weights not renormalised (sum 0.72)
+    w = R.dynmole_hybrid(z, top_p=0.75, min_k=3, threshold=0.9)
+    torch.testing.assert_close(w, t(0.10, 0.6, 0, 0.12, 0, 0))  # at least min_k = 3
+    assert R.tsallis_entropy(t(*DYN_P), DYN_Q, eps=DYN_EPS).item() == pytest.approx(dyn_tsallis_by_hand(DYN_P))
+
+
+def test_dynmole_threshold_of_one_or_more_never_broadcasts():
+    z = t(0.0, 0.01, -0.01)  # nearly uniform, entropy ~ 1: broadcast at 0.9, never at threshold 1 (reference rule)
+    assert (R.dynmole_hybrid(z, top_p=0.5, min_k=1, threshold=1.0) > 0).sum() == 1
+
+
+def dyn_router(n_experts=6, **cfg):
+    """A LearnedRouter whose scores are its pooled input: identity projection, zero bias, no input norm."""
+    r = R.LearnedRouter(n_experts, n_experts, RouterConfig(normalize_input=False, **cfg))
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.eye(n_experts))
+    return r
+
+
+def test_dynmole_router_weights_tsallis_and_load_balance_on_a_hand_case():
+    # Unit 0: the hand case above (2 experts kept at top_p 0.75, min_k 1); unit 1: uniform (entropy 1 > 0.9: all).
+    p0, p1 = DYN_P, [1 / 6] * 6
+    z = torch.log(t(p0, p1))  # (2, 6)
+    r = dyn_router(fn="dynmole", top_p=0.75, top_k=1, entropy_threshold=0.9, tsallis_q=DYN_Q)
+    w, aux = r(z[:, None, :].repeat(1, 3, 1), ctx_for(torch.ones(2, 3)))  # 3 identical tokens: mean pool = z
+    kept0 = [0, 0.6, 0, 0.12, 0, 0]
+    torch.testing.assert_close(w, t(kept0, p1))
+    # Tsallis loss: the mean over the units of the normalised entropy of p (reference: router_entropy.mean()).
+    tsallis = (dyn_tsallis_by_hand(p0) + dyn_tsallis_by_hand(p1)) / 2
+    assert aux["tsallis"].finalize().item() == pytest.approx(tsallis, rel=1e-5)
+    # Load balance: N * sum_i f_i P_i with f = mean of the kept (unrenormalised) weights, P = mean of p.
+    f = [(a + b) / 2 for a, b in zip(kept0, p1)]
+    P = [(a + b) / 2 for a, b in zip(p0, p1)]
+    assert aux["load_balance"].finalize().item() == pytest.approx(6 * sum(fi * Pi for fi, Pi in zip(f, P)), rel=1e-5)
+
+
+def test_dynmole_load_balance_f_carries_gradient_like_the_reference():
+    z = torch.log(t(DYN_P))[None].requires_grad_()
+    p = torch.softmax(z, -1)
+    st = R.dynmole_load_balance_stat(p, p * R.dynmole_keep(p, 0.75, 1), None)
+    assert st.dispatch.requires_grad  # the reference does not detach tokens_per_expert
+
+
+# --------------------------------------------------------------------------------------------- LD-MoLE
+def test_lambda_predictor_starts_at_the_reference_init():
+    # Reference init ("kaiming"): both weights Kaiming-uniform (a = sqrt 5, bound 1 / sqrt(fan_in)), both biases -2.5.
+    torch.manual_seed(0)
+    p = R.LambdaPredictor(8, hidden=4)
+    assert torch.equal(p.net[0].bias, torch.full((4,), -2.5)) and torch.equal(p.net[2].bias, t(-2.5))
+    assert p.net[0].weight.abs().max() <= 1 / math.sqrt(8) and p.net[2].weight.abs().max() <= 1 / math.sqrt(4)
+    # Where W1 x < 2.5 the hidden layer is 0: lambda = log sigmoid(-2.5) + 1 - 0.01 = -1.58889 (denser than sparsemax).
+    by_hand = math.log(1 / (1 + math.exp(2.5))) + 0.99
+    assert by_hand == pytest.approx(-1.58889, abs=1e-5)
+    lam = p(torch.randn(20, 8) * 0.1)
+    torch.testing.assert_close(lam, torch.full((20, 1), by_hand), atol=1e-6, rtol=0)
+    assert (p(torch.randn(20, 8) * 100) < 1).all()
+
+
+def test_lambda_sparsity_loss_on_a_hand_case():
+    # u sorted 2, 1, .5, -1 and k = 2: lower_2 = 1 - ((2 + 1) - 2 * .5) = -1 (reference lambda_interval_k).
+    u = t([2.0, -1.0, 0.5, 1.0], [0.0, 0.0, 3.0, 0.0])  # unit 1: sorted 3, 0, 0, 0 -> lower = 1 - (3 - 0) = -2
+    assert R.lambda_lower_bound(u, 2).tolist() == [-1.0, -2.0]
+    lam = t([-1.5], [0.5])  # relu(-1 + 1.5) = 0.5; relu(-2 - 0.5) = 0
+    assert R.lambda_sparsity_stat(u, lam, 2).finalize().item() == pytest.approx(0.25)
+    assert R.lambda_mean_stat(lam).finalize().item() == pytest.approx(((1 + 1.5) + (1 - 0.5)) / 2)
+
+
+def test_lambda_lower_bound_is_where_sparsegen_drops_to_k_experts():
+    u = t(2.0, -1.0, 0.5, 1.0)
+    lower = R.lambda_lower_bound(u, 2).item()
+    assert (R.sparsegen_lin(u, lower + 1e-3) > 0).sum() == 2
+    assert (R.sparsegen_lin(u, lower - 1e-3) > 0).sum() == 3
+    assert R.lambda_lower_bound(t(1.0, 0.0), 2).item() == -math.inf  # E <= k: any lambda is sparse enough
+
+
+def test_ldmole_router_returns_both_lambda_losses():
+    torch.manual_seed(0)
+    r = R.LearnedRouter(8, 4, RouterConfig(fn="sparsegen", lambda_predictor=True))
+    x, ctx = torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3))
+    _, aux = r(x, ctx)
+    h = r.features(x, ctx)
+    lam = r.lam(h)
+    torch.testing.assert_close(aux["lambda_sparsity"].finalize(), R.lambda_sparsity_stat(r.scores(h), lam).finalize())
+    torch.testing.assert_close(aux["lambda_mean"].finalize(), (1 - lam).mean())
 
 
 # --------------------------------------------------------------------------------------------- aux losses
@@ -209,7 +312,8 @@ def test_learned_router_weights_per_sequence_and_per_token(fn):
     x, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     w, aux = r(x, ctx_for(mask))
     assert w.shape == (2, 3) and w.dtype == torch.float32 and (w >= 0).all()
-    assert set(aux) == {"load_balance", "z_loss", "entropy"}
+    lam = {"lambda_sparsity", "lambda_mean"} if fn == "sparsegen" else set()
+    assert set(aux) == {"load_balance", "z_loss", "entropy", "tsallis"} | lam
     r.cfg = RouterConfig(fn=fn, granularity="token", lambda_predictor=(fn == "sparsegen"))
     w, _ = r(x, ctx_for(mask))
     assert w.shape == (2, 5, 3)
@@ -222,16 +326,10 @@ def test_learned_router_skips_aux_under_no_grad():
     assert aux == {}
 
 
-def test_lambda_predictor_is_below_one_and_starts_at_zero():
-    p = R.LambdaPredictor(8, hidden=4)
-    lam = p(torch.randn(20, 8) * 100)
-    assert (lam < 1).all()
-    torch.testing.assert_close(lam, torch.zeros(20, 1), atol=1e-6, rtol=0)  # step 0: plain sparsemax
-
-
-def test_similarity_router_prefers_the_nearest_prototype():
-    r = R.LearnedRouter(4, 3, RouterConfig(scorer="similarity", fn="topk", top_k=1, normalize_input=False))
-    r.set_prototypes(torch.eye(3, 4))
+def test_prototype_scorer_prefers_the_nearest_prototype():
+    r = R.LearnedRouter(4, 3, RouterConfig(scorer="prototype", fn="topk", top_k=1, normalize_input=False))
+    with torch.no_grad():
+        r.prototypes.copy_(torch.eye(3, 4))
     x = torch.tensor([[0.1, 0.0, 2.0, 0.0]])[:, None, :].repeat(1, 2, 1)  # closest to prototype 2
     w, _ = r(x, ctx_for(torch.ones(1, 2)))
     torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 1.0]]))
@@ -245,21 +343,32 @@ def test_task_embedding_input_makes_routing_task_dependent():
     assert not torch.allclose(w[0], w[1])
 
 
-def test_jitter_and_temperature_apply_in_training_only():
+@pytest.mark.parametrize("fn", ["softmax", "sparsemax", "dynmole"])
+def test_temperature_applies_at_train_and_eval_alike(fn):
     torch.manual_seed(0)
-    r = R.LearnedRouter(8, 3, RouterConfig(jitter=0.5, temperature=5.0))
+    r = R.LearnedRouter(8, 3, RouterConfig(fn=fn, temperature=0.3, top_k=1, entropy_threshold=1.0))
+    x, ctx = torch.randn(2, 3, 8) * 3, ctx_for(torch.ones(2, 3))
+    r.train()
+    w_train, _ = r(x, ctx)
+    r.eval()
+    w_eval, _ = r(x, ctx)
+    torch.testing.assert_close(w_eval, w_train)  # one router function (no jitter, no dropout here)
+    r.cfg = RouterConfig(fn=fn, top_k=1, entropy_threshold=1.0)  # T = 1
+    assert not torch.allclose(r(x, ctx)[0], w_eval)  # the temperature is really applied
+
+
+def test_jitter_applies_in_training_only():
+    torch.manual_seed(0)
+    r = R.LearnedRouter(8, 3, RouterConfig(jitter=0.5))
     x, ctx = torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3))
     r.eval()
     w1, _ = r(x, ctx)
-    w2, _ = r(x, ctx)
-    assert torch.equal(w1, w2)  # eval: no noise
+    assert torch.equal(w1, r(x, ctx)[0])  # eval: no noise
     r.cfg = RouterConfig()
-    torch.testing.assert_close(r(x, ctx)[0], w1)  # eval: temperature and jitter have no effect
-    r.cfg = RouterConfig(jitter=0.5, temperature=5.0)
+    torch.testing.assert_close(r(x, ctx)[0], w1)
+    r.cfg = RouterConfig(jitter=0.5)
     r.train()
-    w3, _ = r(x, ctx)
-    assert not torch.allclose(w3, w1)
-    assert w3.max() - w3.min() < w1.max() - w1.min()  # the temperature softens
+    assert not torch.allclose(r(x, ctx)[0], w1)
 
 
 def test_router_config_errors_name_the_field():
@@ -269,3 +378,7 @@ def test_router_config_errors_name_the_field():
         RouterConfig(lam=1.0)
     with pytest.raises(ValueError, match=r"router\.task_experts"):
         RouterConfig(kind="task", task_experts={"embed": ["embed"]})
+    with pytest.raises(ValueError, match=r"router\.scorer: 'similarity' is now 'prototype'"):
+        RouterConfig(scorer="similarity")
+    with pytest.raises(ValueError, match=r"router\.granularity"):
+        RouterConfig(kind="retriever", granularity="token")
