@@ -113,7 +113,12 @@ class MoELoRAConfig:
             bad("shared_expert", f"must name one of the experts {names}")
         self.router.validate()
         rc, routed = self.router, self.routed_experts
-        if rc.kind == "task":
+        if rc.kind == "retriever":
+            unlisted = [n for n in routed if not any(n in exps for exps in rc.task_experts.values())]
+            if unlisted:
+                raise ValueError(f"router.task_experts: kind 'retriever' builds each routed expert's pilot embedding "
+                                 f"from the inputs of the tasks that list it; {unlisted} listed by no task")
+        if rc.kind in ("task", "retriever"):
             for task, exps in rc.task_experts.items():
                 unknown = [n for n in exps if n not in routed]
                 if unknown:

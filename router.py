@@ -22,9 +22,10 @@ Auxiliary losses (each a scalar, padding excluded by an optional mask), by their
     lambda_sparsity   LD-MoLE's analytical sparsity loss mean relu(lower_k - lambda) (lambda predictor only)
     lambda_mean       LD-MoLE's mean (1 - lambda) (lambda predictor only)
 A LearnedRouter computes the ones its config lists (and that apply to its fn) whenever grad is enabled (training;
-also on a checkpoint recompute, which must replay the same ops) and skips them under no_grad. It returns them as AuxStat sufficient statistics (sums and unit counts), not as
-finished means, so the trainer can finalise each loss over any union of units: the query, document and pair calls
-of one optimizer step together, and all ranks (Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
+also on a checkpoint recompute, which must replay the same ops) and skips them under no_grad. It returns them as
+AuxStat sufficient statistics (sums and unit counts), not as finished means, so the trainer can finalise each loss
+over any union of units: the query, document and pair calls of one optimizer step together, and all ranks
+(Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
 
 Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
 one-hot, or multi-hot), LearnedRouter (linear or learnable-prototype scores on the pooled or per-token block input,
@@ -228,8 +229,9 @@ class AuxStat:
 
     Mean-type losses (z_loss, entropy, ...): `total` = sum over the units of the per-unit value (scalar, with grad).
     Load balance: `total` = (E,) sum over the units of the router probabilities (with grad) and `dispatch` = (E,) sum
-    of the units' dispatch fractions (no grad; DynMoLE's f is the kept weights and carries grad, as its reference). `count` = number of units. Stats of disjoint unit sets add up (+), and
-    finalize() turns the sum into the loss over their union: a mean, or N * sum_i f_i P_i.
+    of the units' dispatch fractions (no grad; DynMoLE's f is the kept weights and carries grad, as its reference).
+    `count` = number of units. Stats of disjoint unit sets add up (+), and finalize() turns the sum into the loss
+    over their union: a mean, or N * sum_i f_i P_i.
     """
     total: torch.Tensor
     count: torch.Tensor

@@ -417,6 +417,7 @@ def test_config_round_trips_through_a_plain_dict():
     (dict(router={"fn": "nope"}), r"router\.fn"),
     (dict(router={"kind": "task", "task_experts": {"embed": ["shared"], "rerank": ["rerank"]}}),
      r"router\.task_experts"),
+    (dict(shared="routed", router={"kind": "retriever"}), r"router\.task_experts: kind 'retriever'.*\['shared'\]"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -476,7 +477,8 @@ def test_shared_lambda_predictor_round_trips_through_save_and_load(tmp_path):
 
 # --------------------------------------------------------------------------------------------- RouterRetriever
 def retriever_cfg(score="dot"):
-    return MoELoRAConfig(shared="routed", router=RouterConfig(kind="retriever", retriever_score=score))
+    return MoELoRAConfig(shared="routed", router=RouterConfig(
+        kind="retriever", retriever_score=score, task_experts={"embed": ["embed", "shared"], "rerank": ["rerank"]}))
 
 
 def plain_embedding(ids, mask):
@@ -549,6 +551,35 @@ def test_retriever_pilots_round_trip_through_save_and_load(tmp_path):
     ids, mask, _ = batch()
     a, b = fresh(ids, mask, capture_routing=True), model(ids, mask, capture_routing=True)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.routing[0][1], b.routing[0][1])
+
+
+def test_a_retriever_run_stores_the_centroids_of_its_tasks_inputs_as_pilots(tmp_path):
+    import os
+    import data
+    import tiny_setup
+    import train
+    task = tiny_setup.write_synthetic(str(tmp_path / "synthetic"))
+    router = {"kind": "retriever", "pilot_examples": 6,
+              "task_experts": {"embed": ["embed", "shared"], "rerank": ["rerank", "shared"]}}
+    cfg = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, str(tmp_path / "run"), router=router,
+                                  adapters={"shared": "routed"}, train={"steps": 1, "save_every": 1, "eval_every": 1})
+    train.main([cfg])
+    um = train.load_run(str(tmp_path / "run"))  # the pilots come back from the checkpoint's adapters.safetensors
+
+    def plain_mean_embeddings(b):  # the base with the experts off, mean-pooled over real tokens
+        h = um.base(b["input_ids"], b["attention_mask"], adapters=False).hidden
+        m = b["attention_mask"].float()[:, :, None]
+        return (h * m).sum(1) / m.sum(1)
+
+    ex = data.read_train_jsonl(os.path.join(task, "train.jsonl"))[:6]
+    q, pos, neg = [e["query"] for e in ex], [e["pos"][0] for e in ex], [e["neg"][0] for e in ex]
+    with torch.no_grad():
+        embed = torch.cat([plain_mean_embeddings(um.tokens_queries(q)),
+                           plain_mean_embeddings(um.tokens_documents(pos))])
+        rerank = plain_mean_embeddings(um.tokens_pairs(q + q, pos + neg))
+    # rows: embed, rerank, and the shared expert that both tasks list (the centroid of all the inputs)
+    expected = torch.stack([embed.mean(0), rerank.mean(0), torch.cat([embed, rerank]).mean(0)])
+    torch.testing.assert_close(ML._retriever(um.base).pilots, expected)
 
 
 def test_retriever_without_pilots_is_a_clear_error():
