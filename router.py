@@ -15,8 +15,9 @@ stays float64, which is what gradcheck needs). Names and references:
 
 Auxiliary losses (each a scalar, padding excluded by an optional mask): switch_load_balance (N * sum_i f_i P_i),
 z_loss (mean logsumexp^2), entropy (mean Shannon entropy of the routing distribution). A LearnedRouter computes the
-ones its config lists whenever grad is enabled (training; also on a checkpoint recompute, which must replay the same
-ops) and skips them under no_grad. It returns them as AuxStat sufficient statistics (sums and unit counts), not as
+ones its config lists in training mode, with or without grad (GradCache's no-grad representation pass gives the
+step's statistics; a checkpoint recompute must replay the same ops), and under grad; it skips them in eval mode under
+no_grad (inference). It returns them as AuxStat sufficient statistics (sums and unit counts), not as
 finished means, so the trainer can finalise each loss over any union of units: the query, document and pair calls
 of one optimizer step together, and all ranks (Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
 
@@ -481,8 +482,8 @@ class LearnedRouter(nn.Module):
             w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q)
 
         aux = {}
-        # Only when grad is enabled (training): a checkpoint recompute, also under grad, replays the same ops.
-        if cfg.aux_losses and torch.is_grad_enabled():
+        # In training mode also under no_grad: GradCache's representation pass needs the step's statistics (train.py).
+        if cfg.aux_losses and (self.training or torch.is_grad_enabled()):
             mask = ctx.attention_mask if w.dim() == 3 else None
             dense = fn in ("topk", "dynmole")  # P from the full softmax; the other maps use their own output
             probs = torch.softmax(logits, dim=-1) if dense else w
