@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import data
 import moe_lora
 import router
 import tiny_setup
@@ -101,13 +100,7 @@ def build(tmp_path, task, **sections):
 
 
 def batch(um, task, n_queries: int, chunks: int) -> list:
-    """The first n_queries training examples (positive, first n_neg negatives), both tasks, as `chunks`
-    consecutive UniMoER.forward inputs."""
-    examples = data.read_train_jsonl(os.path.join(task, "train.jsonl"))[:n_queries]
-    b, n_neg = n_queries // chunks, um.cfg.data.n_neg
-    return [train.batch_inputs(um, {"query": [ex["query"] for ex in part], "pos": [ex["pos"][0] for ex in part],
-                                    "neg": [n for ex in part for n in ex["neg"][:n_neg]]}, train.TASKS)
-            for part in (examples[k * b:(k + 1) * b] for k in range(chunks))]
+    return tiny_setup.step_chunks(um, task, 0, n_queries, chunks)
 
 
 def grads(um) -> dict:
