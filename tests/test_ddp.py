@@ -138,9 +138,10 @@ def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task,
     # Equal by construction: the sampler splits each global batch over the ranks, InfoNCE sees the gathered
     # global batch with the world_size scaling, BCE is a local mean over equal local sizes, so DDP's gradient
     # average is the global mean's gradient, and the router aux losses (load balance included) are taken over
-    # the global batch (train.aux_scope "global", the default).
+    # the global batch (train.aux_scope "global", the default; load-balance weight 1 so that per-rank balancing,
+    # "step", would be off by ~9e-4 here).
     sections = dict(train={"steps": 4, "eval_every": 4, "save_every": 2, "cross_device_negatives": True,
-                           "batch_size": 4, "aux_weights": {"load_balance": 0.1, "z_loss": 0.01}})
+                           "batch_size": 4, "aux_weights": {"load_balance": 1.0, "z_loss": 0.01}})
     ddp_dir, one_dir = str(tmp_path / "ddp"), str(tmp_path / "one")
     cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, ddp_dir, **sections)
     torchrun(os.path.join(tiny_setup.REPO, "train.py"), cfg_path)
