@@ -262,3 +262,30 @@ def test_freezing_an_unknown_expert_is_one_config_error_naming_it(task, tmp_path
     _, um = build(tmp_path, task, train={"mode": "hard_switch"})
     with pytest.raises(train.ConfigError, match="freeze_experts: no expert 'shared'"):
         train.untrained_experts(um, ["embed"], ["shared"])
+
+
+def test_a_gradcache_run_with_dropout_resumes_exactly(task, tmp_path, monkeypatch):
+    # GradCache draws dropout and jitter in its representation pass and replays them in a forked RNG, so the RNG a
+    # checkpoint saves is where pass 1 left it: a run stopped after step 2's checkpoint and resumed ends
+    # bit-identical to the uninterrupted one.
+    sections = dict(adapters={"dropout": 0.2}, router={"jitter": 0.1},
+                    train={"steps": 4, "save_every": 2, "eval_every": 4, "grad_accum": 2})
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, whole, **sections)
+    train.main([cfg_path])
+    cut_cfg = tiny_setup.write_config(str(tmp_path / "cut.yaml"), task, cut, **sections)
+    forward_backward, calls = train.forward_backward, []
+
+    def stop_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during step 3, after checkpoint 2
+        return forward_backward(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "forward_backward", stop_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train.main([cut_cfg])
+    train.main([cut_cfg, "--resume"])
+    a, b = run_adapters(whole), run_adapters(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
