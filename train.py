@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: config dataclasses -> UniMoER (base + experts + the two task heads, and the encoder interface
-evaluate.py uses) -> losses (each one visible function) -> checkpoints -> the training loop (main).
+evaluate.py uses) -> losses (each one visible function) -> checkpoints -> the training loop: one step
+(forward_backward, GradCache for grad_accum > 1; optimizer_step, holding untrained experts) and main.
 
 A checkpoint directory <out_dir> holds config.yaml (the resolved config), metrics.jsonl (one line per dev
 evaluation), train_log.jsonl (one line per step), base/ (only for the built-in tiny random base) and

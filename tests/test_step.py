@@ -134,8 +134,9 @@ def test_gradcache_loss_and_gradients_equal_one_step_on_the_whole_batch(task, tm
         torch.testing.assert_close(gc[name], g, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_gradcache_without_its_cache_would_see_only_one_chunks_negatives(task, tmp_path):
-    # The bug GradCache fixes: a micro-batch InfoNCE has fewer negatives, so its loss is lower than the step's.
+def test_grad_accum_infonce_sees_every_chunks_documents_as_negatives(task, tmp_path):
+    # The bug GradCache fixes: a per-micro-batch InfoNCE (the mean of the chunks' own losses) has fewer
+    # negatives, so it is lower than the step's.
     cfg, um = build(tmp_path, task)
     um.train()
     chunks = batch(um, task, 4, 2)
