@@ -21,8 +21,9 @@ Auxiliary losses (each a scalar, padding excluded by an optional mask), by their
     tsallis           DynMoLE's mean normalised Tsallis entropy (q = router.tsallis_q) of the routing distribution
     lambda_sparsity   LD-MoLE's analytical sparsity loss mean relu(lower_k - lambda) (lambda predictor only)
     lambda_mean       LD-MoLE's mean (1 - lambda) (lambda predictor only)
-A LearnedRouter computes the ones its config lists (and that apply to its fn) whenever grad is enabled (training;
-also on a checkpoint recompute, which must replay the same ops) and skips them under no_grad. It returns them as
+A LearnedRouter computes the ones its config lists (and that apply to its fn) in training mode, with or without grad
+(GradCache's no-grad representation pass gives the step's statistics; a checkpoint recompute must replay the same
+ops), and under grad; it skips them in eval mode under no_grad (inference). It returns them as
 AuxStat sufficient statistics (sums and unit counts), not as finished means, so the trainer can finalise each loss
 over any union of units: the query, document and pair calls of one optimizer step together, and all ranks
 (Switch's batch; Qwen's global-batch balancing, arXiv 2501.11873).
@@ -236,12 +237,14 @@ class AuxStat:
     total: torch.Tensor
     count: torch.Tensor
     dispatch: Optional[torch.Tensor] = None
+    dispatch_grad: bool = False  # f is differentiable (DynMoLE): GradCache and the DDP sum must keep its gradient
 
     def __add__(self, other: "AuxStat") -> "AuxStat":
         if (self.dispatch is None) != (other.dispatch is None):
             raise ValueError("AuxStat: cannot add a load-balance stat to a mean-type stat")
         return AuxStat(self.total + other.total, self.count + other.count,
-                       None if self.dispatch is None else self.dispatch + other.dispatch)
+                       None if self.dispatch is None else self.dispatch + other.dispatch,
+                       self.dispatch_grad or other.dispatch_grad)
 
     def finalize(self) -> torch.Tensor:
         n = self.count.clamp(min=1)
@@ -291,7 +294,7 @@ def dynmole_load_balance_stat(probs: torch.Tensor, weights: torch.Tensor,
     probs, weights = _up(probs), _up(weights)
     f, count = _unit_sum(weights, mask, 1)
     P, _ = _unit_sum(probs, mask, 1)
-    return AuxStat(P, count, f)
+    return AuxStat(P, count, f, dispatch_grad=True)
 
 
 def tsallis_stat(probs: torch.Tensor, q: float = 1.1, mask: Optional[torch.Tensor] = None) -> AuxStat:
@@ -587,8 +590,9 @@ class LearnedRouter(nn.Module):
             w = entmax_bisect(logits, cfg.alpha)
         else:
             w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q)
-        # Only when grad is enabled (training): a checkpoint recompute, also under grad, replays the same ops.
-        aux = self.aux_stats(logits, w, lam, ctx) if cfg.aux_losses and torch.is_grad_enabled() else {}
+        # In training mode also under no_grad: GradCache's representation pass needs the step's statistics (train.py).
+        aux = self.aux_stats(logits, w, lam, ctx) if cfg.aux_losses and (self.training or torch.is_grad_enabled()) \
+            else {}
         return w, aux
 
     def aux_stats(self, logits: torch.Tensor, w: torch.Tensor, lam: Optional[torch.Tensor], ctx) -> dict:

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: config dataclasses -> UniMoER (base + experts + the two task heads, and the encoder interface
-evaluate.py uses) -> losses (each one visible function) -> checkpoints -> the training loop (main).
+evaluate.py uses) -> losses (each one visible function) -> checkpoints -> the training loop: one step
+(forward_backward, GradCache for grad_accum > 1; optimizer_step, holding untrained experts) and main.
 
 A checkpoint directory <out_dir> holds config.yaml (the resolved config), metrics.jsonl (one line per dev
 evaluation), train_log.jsonl (one line per step), base/ (only for the built-in tiny random base) and
@@ -121,7 +122,7 @@ class TrainSection:
     steps: int = 1000  # ignored when stages are given (their steps add up)
     stages: list[Stage] = field(default_factory=list)
     batch_size: int = 32  # global: queries per optimizer step, over all ranks and accumulation steps
-    grad_accum: int = 1
+    grad_accum: int = 1  # > 1: the step's batch in this many chunks, losses and gradients by GradCache (exact)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -131,6 +132,9 @@ class TrainSection:
     emb_weight: float = 1.0  # alpha
     rank_weight: float = 1.0  # beta
     aux_weights: dict[str, float] = field(default_factory=lambda: {"load_balance": 0.01})  # lambda per aux loss
+    # Units each router aux loss is taken over (aux_losses): "global" all the optimizer step's sequences/tokens,
+    # both tasks, all ranks (= "step" on one process) | "step" this rank's | "call" each single-task call alone
+    aux_scope: Literal["global", "step", "call"] = "global"
     temperature: float = 0.05  # InfoNCE
     cross_device_negatives: bool = True
     rerank_loss: Literal["bce", "group"] = "bce"  # pointwise BCE, or group-wise softmax CE (localized contrastive)
@@ -382,22 +386,20 @@ class UniMoER(nn.Module):
         return self.head(h).squeeze(-1), out.aux_stats
 
     def forward(self, queries=None, docs=None, pairs=None) -> dict:
-        """One call per step, so DDP sees one forward per backward. Each argument is a token batch or None."""
-        out, aux = {}, []
+        """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
+        batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
+        the routers' aux statistics [{name: [router.AuxStat per layer]}] of each base call (queries, documents,
+        pairs), which aux_losses finalises over the units train.aux_scope names."""
+        out, calls = {}, []
         if queries is not None:
             out["q"], a = self.embed(queries)
-            aux.append(a)
+            calls.append(a)
             out["d"], a = self.embed(docs)
-            aux.append(a)
+            calls.append(a)
         if pairs is not None:
             out["scores"], a = self.rerank_scores(pairs)
-            aux.append(a)
-        # Each aux loss over the union of the calls' units (queries, documents and pairs together), per layer: the
-        # balance Switch asks of the whole batch, not of each single-task call. out["aux_stats"] keeps the sums.
-        names = sorted({k for a in aux for k in a})  # a fixed order: a set's follows PYTHONHASHSEED (per process)
-        out["aux_stats"] = {k: [sum(layer[1:], layer[0]) for layer in zip(*[a[k] for a in aux if k in a])]
-                            for k in names}
-        out["aux"] = {k: torch.stack([st.finalize() for st in v]).mean() for k, v in out["aux_stats"].items()}
+            calls.append(a)
+        out["aux_calls"] = calls
         moe_lora.clear_routing(self.base)
         return out
 
@@ -470,8 +472,63 @@ def group_ce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
     return F.cross_entropy(s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device))
 
 
+def aux_losses(calls: Sequence[dict], scope: str) -> dict:
+    """The routers' aux losses of one optimizer step from their statistics -> {name: scalar}, each the mean over
+    the adapted layers of the loss over `scope`'s units (sequences, or non-pad tokens for token routing).
+
+    calls: [{name: [router.AuxStat per layer]}] of every base call of the step on this rank (queries, documents
+    and pairs of every GradCache chunk; UniMoER.forward's "aux_calls"). Load balance is N * sum_i f_i P_i with
+    f_i (dispatch fraction, no grad) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022,
+    eq. 4-6); z_loss and entropy are means over the units.
+      "call":   each call on its own units, then the mean over calls. Every call holds one task, so load balance
+                then asks for balance within each task (the per-forward variant, kept for the ablation).
+      "step":   the union of all the step's calls on this rank, both tasks together (Switch's batch). Under DDP
+                each rank's own loss, averaged by DDP (per-device balancing).
+      "global": "step" with the statistics summed over DDP ranks (global-batch balancing, Qiu et al. 2025,
+                arXiv 2501.11873): the loss of the whole global batch, as one process on the concatenated batch
+                computes it. Like info_nce_loss, the value is multiplied by loss_world(True) and carries gradient
+                through this rank's units only, so DDP's gradient average is the global loss's gradient
+                (tests/test_ddp.py). Equal to "step" on one process.
+    """
+    names = sorted({k for c in calls for k in c})  # a fixed order: a set's follows PYTHONHASHSEED (per process)
+    per_call = {k: [c[k] for c in calls if k in c] for k in names}  # name -> [[AuxStat per layer] per call]
+    if scope == "call":
+        return {k: torch.stack([torch.stack([st.finalize() for st in layers]).mean() for layers in v]).mean()
+                for k, v in per_call.items()}
+    union = {k: [sum(layer[1:], layer[0]) for layer in zip(*v)] for k, v in per_call.items()}  # per layer
+    world = loss_world(scope == "global")
+    if world > 1:
+        summed = iter(_sum_over_ranks([st for k in names for st in union[k]]))
+        union = {k: [next(summed) for _ in union[k]] for k in names}
+    return {k: torch.stack([st.finalize() for st in v]).mean() * world for k, v in union.items()}
+
+
+def _sum_over_ranks(stats: list) -> list:
+    """router.AuxStats summed over the DDP ranks in one all_reduce. Counts carry no gradient; a total's (and a
+    dispatch sum's, which carries gradient for DynMoLE's f) value becomes the global sum with gradient through this
+    rank's own tensor only (the others are constants, as in _gather_keep_local)."""
+    parts = [[st.total.detach().reshape(-1), st.count.reshape(1).to(st.total.dtype)]
+             + ([st.dispatch.detach().reshape(-1).to(st.total.dtype)] if st.dispatch is not None else [])
+             for st in stats]
+    flat = torch.cat([x for p in parts for x in p])
+    dist.all_reduce(flat)
+    out, i = [], 0
+    for st in stats:
+        n = st.total.numel()
+        total = flat[i:i + n].view_as(st.total) + (st.total - st.total.detach())  # value: global; grad: local
+        count, i = flat[i + n], i + n + 1
+        dispatch = None
+        if st.dispatch is not None:
+            dispatch = flat[i:i + n].view_as(st.dispatch) + (st.dispatch - st.dispatch.detach())
+            i += n
+        out.append(type(st)(total, count, dispatch, st.dispatch_grad))
+    return out
+
+
 def total_loss(out: dict, cfg: Config, group: int) -> tuple:
-    """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log)."""
+    """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log).
+
+    out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step."""
     t, parts, terms = cfg.train, {}, []
     if "q" in out:
         parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
@@ -487,6 +544,8 @@ def total_loss(out: dict, cfg: Config, group: int) -> tuple:
     logged = {k: float(v.detach()) for k, v in parts.items()}
     if "emb" in logged:
         logged["emb"] /= loss_world(t.cross_device_negatives)  # log the global mean, not its DDP gradient scaling
+    for name in out["aux"]:
+        logged[name] /= loss_world(t.aux_scope == "global")  # likewise
     return loss, logged
 
 
@@ -806,6 +865,164 @@ def frozen_slices(um: UniMoER, names: Sequence[str]) -> list:
     return out
 
 
+def untrained_experts(um: UniMoER, tasks: Sequence[str], frozen: Sequence[str]) -> list:
+    """Names of the experts a step with these tasks does not train: the frozen ones, and those none of its tasks
+    can reach. Reach follows from the structure, not from gradient values: a task router (task-routed modes)
+    gives each task its router.task_experts, an always-on shared expert serves every task, and a learned router
+    reaches every routed expert."""
+    spec = moe_lora.get_config(um.base)
+    unknown = [n for n in frozen if n not in [e.name for e in spec.experts]]
+    if unknown:
+        raise ConfigError(f"freeze_experts: no expert {unknown[0]!r} (experts: {[e.name for e in spec.experts]})")
+    reached = {e.name for e in spec.experts if e.name not in spec.routed_experts}  # always on
+    if spec.router.kind == "learned":
+        reached |= set(spec.routed_experts)
+    else:
+        reached |= {name for task in tasks for name in spec.router.task_experts[task]}
+    return [e.name for e in spec.experts if e.name in frozen or e.name not in reached]
+
+
+def masked_step(opt: torch.optim.Optimizer, held: Sequence[tuple]) -> None:
+    """opt.step() that leaves the slices `held` [(tensor, index)] (rows of A, columns of B of the experts the step
+    does not train) bit-identical, their optimizer state included.
+
+    The experts of a linear share one lora_A / lora_B, so an untrained expert's zero gradient would still move
+    it: AdamW decays its moments (m <- beta1 m, v <- beta2 v), steps by m_hat / (sqrt(v_hat) + eps) from the
+    old moments, and applies the decoupled weight decay. So the slices of the parameter and of each per-element
+    state tensor (exp_avg, exp_avg_sq; max_exp_avg_sq under amsgrad) are saved before the step and written back
+    after it (a state tensor this step created starts at zero there). AdamW's step counter t is one per tensor,
+    so it also counts the steps an expert was held: its bias corrections 1 - beta^t use the tensor's t, not its
+    own number of updates (a difference that fades as beta^t -> 0, within ~1/(1 - beta2) steps).
+    """
+    saved = []
+    for tensor, idx in held:
+        state = opt.state.get(tensor, {})
+        moments = {k: v[idx].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == tensor.shape}
+        saved.append((tensor, idx, tensor.detach()[idx].clone(), moments))
+    opt.step()
+    with torch.no_grad():
+        for tensor, idx, value, moments in saved:
+            tensor[idx] = value
+            for k, v in opt.state.get(tensor, {}).items():
+                if torch.is_tensor(v) and v.shape == tensor.shape:
+                    v[idx] = moments[k] if k in moments else 0
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list, held: Sequence[tuple], finite: bool, clip: float,
+                   world: int) -> bool:
+    """Clip and apply the step's gradients, the held slices excluded from the norm and the update (masked_step).
+    A non-finite loss or gradient on any rank skips the update on all -> whether it was applied."""
+    for tensor, idx in held:
+        if tensor.grad is not None:
+            tensor.grad[idx] = 0
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    ok = torch.tensor(float(finite and bool(torch.isfinite(grad_norm))), device=params[0].device)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() > 0:
+        masked_step(opt, held)
+    opt.zero_grad(set_to_none=True)
+    return ok.item() > 0
+
+
+# ---- one step's loss and gradient
+def step_loss(outs: Sequence[dict], cfg: Config, group: int) -> tuple:
+    """The loss of one optimizer step from its chunks' forward outputs -> total_loss's (loss, log).
+
+    The chunks' embeddings and scores are concatenated (query i's documents stay at rows i * g...), so InfoNCE
+    sees every chunk's documents as negatives and the rerank loss is the mean over the whole step; the aux losses
+    are finalised over train.aux_scope's units (aux_losses)."""
+    out = {k: torch.cat([o[k] for o in outs]) for k in ("q", "d", "scores") if k in outs[0]}
+    out["aux"] = aux_losses([c for o in outs for c in o["aux_calls"]], cfg.train.aux_scope)
+    return total_loss(out, cfg, group)
+
+
+def forward_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
+                     autocast=contextlib.nullcontext) -> tuple:
+    """The step's loss over all its chunks (UniMoER.forward inputs) and its gradient, accumulated into the
+    parameters' .grad -> (finite, {name: value} for the log). model is um or its DDP wrapper; autocast a
+    context-manager factory for the forwards. One chunk: forward, backward. More: gradcache_backward."""
+    if len(chunks) > 1:
+        return gradcache_backward(model, um, chunks, cfg, group, autocast)
+    with autocast():
+        out = model(**chunks[0])
+    loss, logs = step_loss([out], cfg, group)
+    loss.backward()
+    return bool(torch.isfinite(loss)), logs
+
+
+def gradcache_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
+                       autocast=contextlib.nullcontext) -> tuple:
+    """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"):
+    the exact gradient of the loss over all chunks together, with one chunk's activations in memory at a time.
+
+    1. Representation pass without grad: each chunk's outputs r_k (embeddings q, d, rerank scores, and the
+       routers' aux-statistic totals; counts and dispatch sums are constants), keeping the RNG state before it.
+    2. L = step_loss(r_1..r_K) on the whole step and G_k = dL/dr_k, by autograd with the r_k as leaves.
+    3. Per chunk: re-forward with grad from the kept RNG state (GradCache's RandContext: the same adapter
+       dropout and router jitter), then backward of sum <r_k, G_k>; by the chain rule the parameter gradients add
+       up to dL/dtheta. Under DDP only the last chunk's backward all-reduces (no_sync before it).
+    Cost: one more forward per chunk (without grad, ~1/3 of a forward + backward); memory: one chunk's
+    activations plus the step's r_k. The global RNG ends where pass 1 left it.
+    """
+    devices = [um._device()] if um._device().type == "cuda" else []
+    states, raw = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(_rng_state(devices))
+            with autocast():
+                raw.append(um(**chunk))
+    cached = [_as_leaves(out) for out in raw]
+    loss, logs = step_loss(cached, cfg, group)
+    loss.backward()
+    with torch.random.fork_rng(devices=devices):
+        for k, (chunk, state, leaves) in enumerate(zip(chunks, states, cached)):
+            _set_rng_state(state, devices)
+            last = k == len(chunks) - 1
+            with contextlib.nullcontext() if model is um or last else model.no_sync():
+                with autocast():
+                    out = model(**chunk)
+                _cached_grad_dot(out, leaves).backward()
+    return bool(torch.isfinite(loss)), logs
+
+
+def _as_leaves(out: dict) -> dict:
+    """A no-grad forward output as leaf tensors that require grad (GradCache's cached representations)."""
+    leaves = {k: out[k].detach().requires_grad_() for k in ("q", "d", "scores") if k in out}
+    leaves["aux_calls"] = [{name: [type(st)(st.total.detach().requires_grad_(), st.count, _dispatch_leaf(st, name),
+                                            st.dispatch_grad)
+                                   for st in layers] for name, layers in call.items()} for call in out["aux_calls"]]
+    return leaves
+
+
+def _dispatch_leaf(st, name: str):
+    """A dispatch sum as GradCache caches it: a constant (Switch's f), or a leaf requiring grad where f is
+    differentiable (AuxStat.dispatch_grad: DynMoLE's f = mean routed weight)."""
+    if st.dispatch is None or not st.dispatch_grad:
+        return st.dispatch
+    return st.dispatch.detach().requires_grad_()
+
+
+def _cached_grad_dot(out: dict, leaves: dict) -> torch.Tensor:
+    """sum over a chunk's outputs r of <r, dL/dr> (dL/dr = the cached leaf's .grad; unused outputs skipped)."""
+    pairs = [(out[k], leaves[k]) for k in ("q", "d", "scores") if k in leaves]
+    for call, cached in zip(out["aux_calls"], leaves["aux_calls"]):
+        pairs += [(st.total, c.total) for name in cached for st, c in zip(call[name], cached[name])]
+        pairs += [(st.dispatch, c.dispatch) for name in cached for st, c in zip(call[name], cached[name])
+                  if c.dispatch is not None and c.dispatch.requires_grad]
+    return sum(((r * leaf.grad).sum() for r, leaf in pairs if leaf.grad is not None), torch.zeros(()))
+
+
+def _rng_state(devices: list) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state: tuple, devices: list) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
 def setup_distributed(cfg: Config) -> tuple:
     """DDP from torchrun's environment variables -> (rank, world_size, device)."""
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
@@ -887,8 +1104,8 @@ def main(argv: Sequence[str]) -> None:
         if routing_texts:
             _append_jsonl(routing_path, {"step": 0, **routing_snapshot(um, *routing_texts)})
         print(f"step 0 dev: {json.dumps(json.loads(open(metrics_path).readlines()[-1]))}", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16_autocast \
-        else contextlib.nullcontext()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and t.bf16_autocast \
+        else contextlib.nullcontext
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
 
@@ -899,47 +1116,26 @@ def main(argv: Sequence[str]) -> None:
         for gr in opt.param_groups:
             gr["lr"] = lr
         tasks = tasks_at(step, stage, cfg)
-        frozen = frozen_slices(um, list(t.freeze_experts) + list(stage.freeze_experts))
+        held = frozen_slices(um, untrained_experts(um, tasks, list(t.freeze_experts) + list(stage.freeze_experts)))
         um.train()
-        logs, finite = {}, True
-        for micro in range(t.grad_accum):
-            inputs = batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum + micro)), tasks)
-            sync = contextlib.nullcontext() if world == 1 or micro == t.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    out = model(**inputs)
-                loss, parts = total_loss(out, cfg, group)
-                finite &= bool(torch.isfinite(loss))
-                (loss / t.grad_accum).backward()
-            for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + v / t.grad_accum
-        for tensor, idx in frozen:
-            if tensor.grad is not None:
-                tensor.grad[idx] = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip)
-        ok = torch.tensor(float(finite and bool(torch.isfinite(grad_norm))), device=device)
-        if world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() > 0:
-            saved = [(tensor, idx, tensor.detach()[idx].clone()) for tensor, idx in frozen]
-            opt.step()
-            with torch.no_grad():
-                for tensor, idx, value in saved:  # AdamW's momentum and decay must not move frozen experts
-                    tensor[idx] = value
+        chunks = [batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum + micro)), tasks)
+                  for micro in range(t.grad_accum)]  # the step's batch; grad_accum > 1: GradCache chunks
+        finite, logs = forward_backward(model, um, chunks, cfg, group, autocast)
+        ok = optimizer_step(opt, params, held, finite, t.clip, world)
+        if ok:
             bad_steps = 0
         else:
             bad_steps += 1
             if bad_steps >= t.max_bad_steps:
                 raise RuntimeError(f"non-finite loss or gradient in {bad_steps} consecutive steps (last: step "
                                    f"{step + 1}); stopping. The last good checkpoint is in {t.out_dir}")
-        opt.zero_grad(set_to_none=True)
         step += 1
         if rank == 0:
-            record = {"step": step, "lr": lr, "tasks": tasks, "skipped": ok.item() == 0, **logs}
+            record = {"step": step, "lr": lr, "tasks": tasks, "skipped": not ok, **logs}
             _append_jsonl(log_path, record)
             bar.update(1)
             bar.write(f"step {step}/{total_steps} | loss " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (non-finite)" if not ok.item() else ""))
+                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (non-finite)" if not ok else ""))
             if step % t.eval_every == 0 or step == total_steps:
                 m = {"step": step, **dev_evaluate(um, dev, cfg)}
                 _append_jsonl(metrics_path, m)

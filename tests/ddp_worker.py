@@ -8,6 +8,10 @@ ITS slice of the fixed global batch (tiny_setup.fixed_batch: rank r takes querie
 b*g documents), computes info_nce_loss(cross_device=True) and backpropagates once. Each rank writes
 OUT_DIR/rank<r>.pt = {"loss": the global loss (the returned value / world_size, as total_loss logs it),
 "grads": {parameter name: gradient after DDP's average}}.
+
+Then, with the same DDP model, one whole training step (train.forward_backward: InfoNCE, the rerank loss and the
+router aux losses as the config sets them, train.aux_scope included) on rank r's slice of examples [0, 4) of the
+training file, in 1 chunk and in 2 GradCache chunks: OUT_DIR/rank<r>.<chunks>chunk.pt = {"logs", "grads"}.
 """
 import os
 import sys
@@ -41,6 +45,14 @@ def main(cfg_path: str, out_dir: str) -> None:
              for n, p in um.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.item() / world, "grads": grads, "world": world},
                os.path.join(out_dir, f"rank{rank}.pt"))
+
+    for chunks in (1, 2):
+        um.zero_grad(set_to_none=True)
+        inputs = tiny_setup.step_chunks(um, cfg.data.dir, rank * b, b, chunks)
+        _, logs = train.forward_backward(model, um, inputs, cfg, g)
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                 for n, p in um.named_parameters() if p.requires_grad}
+        torch.save({"logs": logs, "grads": grads}, os.path.join(out_dir, f"rank{rank}.{chunks}chunk.pt"))
     dist.barrier()
     dist.destroy_process_group()
 

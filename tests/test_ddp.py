@@ -2,6 +2,8 @@
 concatenated batch.
 
 * the cross-device InfoNCE loss and its gradients (after DDP's averaging) equal one process's on the global batch;
+* a whole training step (InfoNCE, rerank loss, router aux losses over the global batch: train.aux_scope
+  "global") equals one process's on the global batch, in one chunk per rank and with GradCache chunks;
 * a whole train.py run on 2 ranks ends with the adapters of a 1-process run with the same global batch.
 
 Each test launches `python -m torch.distributed.run --nproc_per_node=2` as a subprocess (a few seconds each).
@@ -58,11 +60,23 @@ def torchrun(*args: str) -> None:
     assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
 
 
-def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenated_batch(task, base_dir, tmp_path):
-    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, str(tmp_path / "unused"),
-                                       model={"path": base_dir})
-    torchrun(os.path.join(HERE, "ddp_worker.py"), cfg_path, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+# The worker's step: every loss on, the aux losses over the global batch (the default scope).
+STEP_TRAIN = {"aux_weights": {"load_balance": 0.5, "z_loss": 0.1, "entropy": 0.1}, "aux_scope": "global"}
+
+
+@pytest.fixture(scope="module")
+def worker(task, base_dir, tmp_path_factory):
+    """One torchrun launch of ddp_worker.py -> (config path, its output directory)."""
+    out = tmp_path_factory.mktemp("ddp_worker")
+    cfg_path = tiny_setup.write_config(str(out / "cfg.yaml"), task, str(out / "unused"), model={"path": base_dir},
+                                       train=STEP_TRAIN)
+    torchrun(os.path.join(HERE, "ddp_worker.py"), cfg_path, str(out))
+    return cfg_path, out
+
+
+def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenated_batch(task, worker):
+    cfg_path, out = worker
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     # The reference: one process, no process group, the global batch = rank 0's queries then rank 1's (docs
     # likewise, so query i's positive stays at row i * g). Each rank's texts are embedded as that rank embedded
@@ -91,14 +105,43 @@ def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenat
             torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-6, msg=f"rank {r}: {name}")
 
 
+@pytest.mark.parametrize("chunks", [1, 2], ids=["one_chunk", "gradcache"])
+def test_a_ddp_step_with_global_aux_losses_equals_one_process_on_the_concatenated_batch(task, worker, chunks):
+    # Each rank trains on 2 of the 4 queries (as 1 chunk, or 2 GradCache chunks of 1). The reference is one
+    # process, one chunk of all 4: load balance N sum_i f_i P_i is a product of global-batch means, which only
+    # the all-reduced statistics reproduce (per-rank "step" balancing gives 0.478 here against 0.559).
+    cfg_path, out = worker
+    ranks = [torch.load(out / f"rank{r}.{chunks}chunk.pt", weights_only=True) for r in (0, 1)]
+    cfg = train.load_config(cfg_path)
+    um = train.build_model(cfg, torch.device("cpu"))
+    tiny_setup.randomize_lora_B(um, seed=1)
+    um.train()
+    _, logs = train.forward_backward(um, um, tiny_setup.step_chunks(um, cfg.data.dir, 0, 4, 1), cfg,
+                                     1 + cfg.data.n_neg)
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+             for n, p in um.named_parameters() if p.requires_grad}
+
+    assert logs.keys() == {"emb", "rank", "load_balance", "z_loss", "entropy", "tsallis"}
+    for r, got in enumerate(ranks):
+        for k in ("emb", "load_balance", "z_loss", "entropy", "tsallis"):  # global-batch values on every rank
+            assert got["logs"][k] == pytest.approx(logs[k], abs=1e-5), (r, k)
+    # the rerank loss is each rank's local mean; equal local sizes make their average the global mean
+    assert (ranks[0]["logs"]["rank"] + ranks[1]["logs"]["rank"]) / 2 == pytest.approx(logs["rank"], abs=1e-5)
+    assert any(float(g.abs().max()) > 1e-3 for g in grads.values())
+    for r, got in enumerate(ranks):
+        for name, g in grads.items():
+            # (the whole batch pads to other lengths than each rank's part: fp32 rounding moves ~1e-6)
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-5, msg=f"rank {r}: {name}")
+
+
 def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task, tmp_path):
     # Equal by construction: the sampler splits each global batch over the ranks, InfoNCE sees the gathered
-    # global batch with the world_size scaling, and BCE is a local mean over equal local sizes, so DDP's gradient
-    # average is the global mean's gradient. The router's load-balance loss N * sum_i f_i P_i is a product of
-    # batch means, which a per-rank loss cannot reproduce (the usual per-device load balancing), so its weight is
-    # 0 here; z_loss and entropy are per-sequence means and are logged either way.
+    # global batch with the world_size scaling, BCE is a local mean over equal local sizes, so DDP's gradient
+    # average is the global mean's gradient, and the router aux losses (load balance included) are taken over
+    # the global batch (train.aux_scope "global", the default; load-balance weight 1 so that per-rank balancing,
+    # "step", would be off by ~9e-4 here).
     sections = dict(train={"steps": 4, "eval_every": 4, "save_every": 2, "cross_device_negatives": True,
-                           "batch_size": 4, "aux_weights": {"load_balance": 0.0}})
+                           "batch_size": 4, "aux_weights": {"load_balance": 1.0, "z_loss": 0.01}})
     ddp_dir, one_dir = str(tmp_path / "ddp"), str(tmp_path / "one")
     cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, ddp_dir, **sections)
     torchrun(os.path.join(tiny_setup.REPO, "train.py"), cfg_path)

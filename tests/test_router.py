@@ -319,11 +319,25 @@ def test_learned_router_weights_per_sequence_and_per_token(fn):
     assert w.shape == (2, 5, 3)
 
 
-def test_learned_router_skips_aux_under_no_grad():
-    r = R.LearnedRouter(8, 3, RouterConfig())
+def test_learned_router_skips_aux_under_no_grad_in_eval_mode():
+    r = R.LearnedRouter(8, 3, RouterConfig()).eval()
     with torch.no_grad():
         _, aux = r(torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3)))
     assert aux == {}
+
+
+def test_learned_router_gives_aux_stats_under_no_grad_in_training_mode():
+    # GradCache's representation pass runs without grad and needs the step's aux statistics (train.py): they must
+    # be the values a forward with grad gives.
+    r = R.LearnedRouter(8, 3, RouterConfig()).train()
+    x, mask = torch.randn(2, 3, 8), torch.ones(2, 3)
+    with torch.no_grad():
+        _, cached = r(x, ctx_for(mask))
+    _, live = r(x, ctx_for(mask))
+    assert set(cached) == set(live) == {"load_balance", "z_loss", "entropy", "tsallis"}
+    for name in live:
+        assert not cached[name].total.requires_grad
+        torch.testing.assert_close(cached[name].finalize(), live[name].finalize().detach(), atol=0, rtol=0)
 
 
 def test_prototype_scorer_prefers_the_nearest_prototype():

@@ -61,6 +61,18 @@ def fixed_batch(data_dir: str, n_queries: int, n_neg: int) -> tuple:
     return [ex["query"] for ex in examples], [x for ex in examples for x in [ex["pos"][0]] + ex["neg"][:n_neg]]
 
 
+def step_chunks(um, data_dir: str, start: int, n_queries: int, chunks: int) -> list:
+    """UniMoER.forward inputs, both tasks, of training examples [start, start + n_queries) (each with its first
+    positive and first n_neg negatives), split into `chunks` consecutive parts of equal size."""
+    import train
+
+    examples = data.read_train_jsonl(os.path.join(data_dir, "train.jsonl"))[start:start + n_queries]
+    b, n_neg = n_queries // chunks, um.cfg.data.n_neg
+    return [train.batch_inputs(um, {"query": [ex["query"] for ex in part], "pos": [ex["pos"][0] for ex in part],
+                                    "neg": [n for ex in part for n in ex["neg"][:n_neg]]}, train.TASKS)
+            for part in (examples[k * b:(k + 1) * b] for k in range(chunks))]
+
+
 def randomize_lora_B(um, seed: int, std: float = 0.05) -> None:
     """Give every expert a non-zero B (B starts at zero, which would make the adapters and A's gradient vanish)."""
     import torch
