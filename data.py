@@ -566,10 +566,12 @@ def main(argv=None) -> None:
     m.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if args.command == "mine":
-        lo, hi = args.window
-        if not 0 <= lo < hi or args.n_neg < 1 or args.batch_size < 1:
-            raise DataError(f"mine: need 0 <= FROM < TO for --window (got {lo} {hi}), --n-neg >= 1 (got "
-                            f"{args.n_neg}) and --batch-size >= 1 (got {args.batch_size})")
+        for ok, what, got in ((0 <= args.window[0] < args.window[1], "--window FROM TO needs 0 <= FROM < TO",
+                               args.window), (args.n_neg >= 1, "--n-neg must be >= 1", args.n_neg),
+                              (args.batch_size >= 1, "--batch-size must be >= 1", args.batch_size)):
+            if not ok:
+                got = " ".join(map(str, got)) if isinstance(got, (list, tuple)) else got
+                raise DataError(f"mine: {what} (got {got})")
     if args.command == "synthetic":
         summary = make_synthetic(args.out_dir, seed=args.seed)
         print(json.dumps(summary))

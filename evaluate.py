@@ -13,6 +13,7 @@ Usage
         --out runs/qwen3_two_models                                     # baseline: two separate models
     torchrun --nproc_per_node=2 evaluate.py CKPT --data DIR             # encoding and reranking sharded
     python evaluate.py CKPT --data DIR --index hnsw --k-rerank 20 --max-queries 100 --max-doc-len 128
+    python evaluate.py CKPT --data DIR --drop-self off                 # keep a document whose id is the query's
 
 Writes <out>/metrics.json, per_query.json and run.{retrieval,two_stage,rerank}.trec (default out:
 <CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on

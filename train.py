@@ -3,6 +3,7 @@
     python train.py configs/tiny.yaml                                   # CPU, built-in synthetic task, minutes
     python train.py configs/tiny.yaml --train.lr=5e-4 --train.steps=50  # overrides: --section.key=value (YAML)
     python train.py configs/tiny.yaml --resume                          # continue from <out_dir>'s latest checkpoint
+    python train.py configs/tiny.yaml --debug                           # a bad input's traceback (else: one line)
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: config dataclasses -> UniMoER (base + experts + the two task heads, and the encoder interface
@@ -437,8 +438,11 @@ def check_inputs(cfg: Config, where: str) -> None:
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"{where}: model.path {m.path!r}: not a model directory (no config.json)")
         if cfg.adapters.layers is not None:
-            with open(os.path.join(m.path, "config.json")) as f:
-                n = json.load(f).get("num_hidden_layers")
+            try:
+                with open(os.path.join(m.path, "config.json")) as f:
+                    n = json.load(f).get("num_hidden_layers")
+            except (json.JSONDecodeError, AttributeError):
+                raise ConfigError(f"{where}: model.path {m.path!r}: config.json is not a JSON object") from None
             _check(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
                    f"layer indices < {n}, the depth of {m.path}")
     if m.tokenizer is not None and not os.path.exists(m.tokenizer):
