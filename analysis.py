@@ -44,7 +44,6 @@ spaces (left singular vectors of the deltas).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -58,7 +57,7 @@ import data
 import evaluate
 import moe_lora
 import train
-from model import CheckpointError, last_token_positions
+from model import ArgumentParser, last_token_positions, run_cli
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
 METRIC = "ndcg@10"
@@ -736,7 +735,7 @@ def _write(out: str, name: str, res, md: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="analysis.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="analysis.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     cmds = {c: sub.add_parser(c) for c in ("interference", "gradients", "routing", "geometry", "report")}
     for c, sp in cmds.items():
@@ -759,36 +758,42 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if c in ("routing", "geometry", "report"):
             sp.add_argument("--n", type=int, default=64, help="dev queries (each with a relevant document)")
     a = p.parse_args(argv)
-    try:
-        runs = load_runs(a.ckpts)
-        data_dirs = getattr(a, "data", None) or [None]  # None: each run's own dev set
-        candidates = getattr(a, "candidates", None) or [None] * len(data_dirs)
-        if len(candidates) != len(data_dirs):
-            raise AnalysisError(f"--candidates: give one per --data ({len(candidates)} for {len(data_dirs)})")
-        eval_kwargs = {k: getattr(a, k) for k in ("max_queries", "batch_size") if getattr(a, k, None) is not None}
-        texts = {}
-        if a.cmd in ("routing", "geometry"):
-            texts = dict(eval_texts(runs[0]["cfg"], d, a.split, a.n) for d in data_dirs)
-        if a.cmd == "interference":
-            res = interference(runs, data_dirs, a.split, candidates, a.resamples, a.bootstrap_seed, **eval_kwargs)
-            _write(a.out, "interference", res, interference_markdown(res))
-        elif a.cmd == "gradients":
-            res = [gradient_conflict(r, a.batches, not a.no_base_probe) for r in runs]
-            _write(a.out, "gradients", res, gradients_markdown(res))
-        elif a.cmd == "routing":
-            res = [routing(r, texts) for r in runs]
-            _write(a.out, "routing", res, routing_markdown(res))
-        elif a.cmd == "geometry":
-            res = geometry(runs, next(iter(texts.values())))
-            _write(a.out, "geometry", res, geometry_markdown(res))
-        else:
-            path = report(runs, a.out, data_dirs, a.split, candidates, a.batches, a.n, a.resamples,
-                          a.bootstrap_seed, not a.no_base_probe, **eval_kwargs)
-            print(open(path).read())
-            print(f"wrote {path}")
-    except (AnalysisError, ValueError, OSError, CheckpointError) as e:  # + ConfigError, DataError, EvalError, ...
-        sys.exit(f"analysis.py {a.cmd}: error: {e}")
+    for name in ("resamples", "batches", "n", "max_queries", "batch_size"):
+        if getattr(a, name, None) is not None and getattr(a, name) < 1:
+            raise AnalysisError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
+    runs = load_runs(a.ckpts)
+    data_dirs = getattr(a, "data", None) or [None]  # None: each run's own dev set
+    candidates = getattr(a, "candidates", None) or [None] * len(data_dirs)
+    if len(candidates) != len(data_dirs):
+        raise AnalysisError(f"--candidates: give one per --data ({len(candidates)} for {len(data_dirs)})")
+    eval_kwargs = {k: getattr(a, k) for k in ("max_queries", "batch_size") if getattr(a, k, None) is not None}
+    texts = {}
+    if a.cmd in ("routing", "geometry"):
+        texts = dict(eval_texts(runs[0]["cfg"], d, a.split, a.n) for d in data_dirs)
+    if a.cmd == "interference":
+        res = interference(runs, data_dirs, a.split, candidates, a.resamples, a.bootstrap_seed, **eval_kwargs)
+        _write(a.out, "interference", res, interference_markdown(res))
+    elif a.cmd == "gradients":
+        res = [gradient_conflict(r, a.batches, not a.no_base_probe) for r in runs]
+        _write(a.out, "gradients", res, gradients_markdown(res))
+    elif a.cmd == "routing":
+        res = [routing(r, texts) for r in runs]
+        _write(a.out, "routing", res, routing_markdown(res))
+    elif a.cmd == "geometry":
+        res = geometry(runs, next(iter(texts.values())))
+        _write(a.out, "geometry", res, geometry_markdown(res))
+    else:
+        path = report(runs, a.out, data_dirs, a.split, candidates, a.batches, a.n, a.resamples,
+                      a.bootstrap_seed, not a.no_base_probe, **eval_kwargs)
+        print(open(path).read())
+        print(f"wrote {path}")
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """`python analysis.py ...` through the CLIs' one error path (model.run_cli): a wrong path, config or data
+    error (or an AnalysisError) is one line, exit code 2; `--debug` shows its traceback."""
+    return run_cli("analysis.py", main, argv, known=(AnalysisError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(sys.argv[1:]))

@@ -11,11 +11,11 @@ line is found by reading the message, not by a KeyError deep inside training. Bl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
+import sys
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -547,7 +547,9 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
 
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    from model import ArgumentParser  # the CLIs' parser (one-line errors); model is imported only by the CLI
+
+    parser = ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synthetic", help="write the built-in synthetic task (BEIR folder + train.jsonl + tokenizer)")
     p.add_argument("out_dir")
@@ -563,6 +565,13 @@ def main(argv=None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.command == "mine":
+        for ok, what, got in ((0 <= args.window[0] < args.window[1], "--window FROM TO needs 0 <= FROM < TO",
+                               args.window), (args.n_neg >= 1, "--n-neg must be >= 1", args.n_neg),
+                              (args.batch_size >= 1, "--batch-size must be >= 1", args.batch_size)):
+            if not ok:
+                got = " ".join(map(str, got)) if isinstance(got, (list, tuple)) else got
+                raise DataError(f"mine: {what} (got {got})")
     if args.command == "synthetic":
         summary = make_synthetic(args.out_dir, seed=args.seed)
         print(json.dumps(summary))
@@ -590,5 +599,13 @@ def mine(args) -> None:
     print(json.dumps({"out": args.out, "examples": len(examples)}))
 
 
+def cli(argv=None) -> int:
+    """`python data.py ...` through the CLIs' one error path (model.run_cli): a missing or malformed file is one
+    line naming it (file:line), exit code 2; `--debug` shows its traceback."""
+    from model import run_cli
+
+    return run_cli("data.py", main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(sys.argv[1:]))

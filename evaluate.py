@@ -13,6 +13,7 @@ Usage
         --out runs/qwen3_two_models                                     # baseline: two separate models
     torchrun --nproc_per_node=2 evaluate.py CKPT --data DIR             # encoding and reranking sharded
     python evaluate.py CKPT --data DIR --index hnsw --k-rerank 20 --max-queries 100 --max-doc-len 128
+    python evaluate.py CKPT --data DIR --drop-self off                 # keep a document whose id is the query's
 
 Writes <out>/metrics.json, per_query.json and run.{retrieval,two_stage,rerank}.trec (default out:
 <CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on
@@ -61,6 +62,13 @@ In BEIR datasets whose queries are themselves corpus documents (ArguAna, Quora, 
 trivially retrieves itself. BEIR's dense search retrieves k + 1 documents, drops a hit whose doc id equals the
 query id and keeps the top k; dense_run does the same (drop_self=True) and drop_self_hits(run) does the
 dropping on any run. evaluate_run itself never drops anything.
+BEIR drops self-hits on every dataset, which on collections whose query and document ids are both plain
+numbers that mean different things (Cranfield, MS MARCO, SciFact) silently removes a real document. The CLI,
+evaluate_checkpoint and training's dev evaluation therefore take drop_self = "on" | "off" | "auto" (default),
+resolved by resolve_drop_self: auto = on iff the queries are corpus documents, i.e. at least one query id is
+also a doc id whose document text equals the query text, or starts or ends with it (whitespace collapsed):
+Quora's questions, ArguAna's arguments (title + text ends with the query), CQADupStack's titles. Numeric ids
+alone decide nothing: Quora's are numbers too. The choice and its outcome are recorded in metrics.json.
 
 Encoder interface (duck-typed; the model class implements it, nothing here depends on the model)
 ------------------------------------------------------------------------------------------------
@@ -208,6 +216,25 @@ def evaluate_run(qrels: Qrels, run: Run, k_ndcg: Iterable[int] | int = (10,), k_
 def drop_self_hits(run: Run) -> dict:
     """The run without documents whose id equals their query's id (BEIR's self-hit rule)."""
     return {qid: {d: s for d, s in docs.items() if d != qid} for qid, docs in run.items()}
+
+
+DROP_SELF = ("auto", "on", "off")
+
+
+def resolve_drop_self(mode: str, queries: Mapping[str, str], corpus_texts: Mapping[str, str]) -> bool:
+    """Whether self-hits are dropped: "on" -> True, "off" -> False, "auto" -> True iff the queries are corpus
+    documents: some query id is also a doc id whose text equals the query text, or starts or ends with it (both
+    whitespace-collapsed; an empty query matches nothing). See "Self-hits" in the module docstring."""
+    if mode not in DROP_SELF:
+        raise EvalError(f"drop_self must be one of {', '.join(DROP_SELF)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    for qid, text in queries.items():
+        if qid in corpus_texts:
+            q, doc = " ".join(text.split()), " ".join(corpus_texts[qid].split())
+            if q and (doc.startswith(q) or doc.endswith(q)):
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------- TREC run files
@@ -808,7 +835,8 @@ def _write_json(path: str, obj, indent: Optional[int] = 2) -> None:
 # --------------------------------------------------------------------------------------------- evaluate a checkpoint
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_rerank=None, candidates=None,
                         index="flat", batch_size=64, max_queries=None, max_doc_len=None, device="cpu",
-                        reranker=None, out_dir=None, write=True, progress=None, overrides=()) -> Optional[dict]:
+                        reranker=None, out_dir=None, write=True, progress=None, overrides=(),
+                        drop_self="auto") -> Optional[dict]:
     """Evaluate a run / checkpoint / plain model directory; returns the metrics.json dict plus "per_query".
 
     Data. data_dir None and split None: the run's own dev set exactly as training evaluates it
@@ -817,7 +845,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     the run's data.dir): every judged query, the whole corpus, k_rerank 100. k_retrieve = max(100, k_rerank)
     unless given. max_queries keeps the first N judged query ids (sorted).
 
-    Stages. "retrieval": dense top-k_retrieve (faiss `index`, BEIR self-hits dropped). "two_stage": its top
+    Stages. "retrieval": dense top-k_retrieve (faiss `index`; self-hits dropped as `drop_self` "auto" | "on" |
+    "off" says, resolve_drop_self; also from the candidates). "two_stage": its top
     k_rerank reranked by the same model, or by `reranker` (a second run / checkpoint / model directory: the
     two-separate-models baseline). With `candidates` (a TREC run, e.g. BM25): "rerank" = its top k_rerank
     reranked, and "candidates" = the input run's own metrics. Encoding batches are batch_size texts; reranking
@@ -842,6 +871,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     t_start = time.time()
     if index not in ("flat", "hnsw", "ivfpq"):
         raise EvalError(f"index must be 'flat', 'hnsw' or 'ivfpq', got {index!r}")
+    if drop_self not in DROP_SELF:
+        raise EvalError(f"drop_self must be one of {', '.join(DROP_SELF)}, got {drop_self!r}")
     for name, value in (("k_retrieve", k_retrieve), ("k_rerank", k_rerank), ("max_queries", max_queries)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise EvalError(f"{name} must be a positive integer, got {value!r}")
@@ -883,10 +914,14 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         if not queries:
             raise EvalError(f"{data_dir}: no judged query in the {split} split")
         k_retrieve = k_retrieve or max(100, k_rerank)
+        drop = resolve_drop_self(drop_self, queries, corpus)
         cands = load_candidates(candidates, queries, corpus) if candidates is not None else None
+        if cands is not None and drop:
+            cands = drop_self_hits(cands)
         dataset = os.path.basename(os.path.normpath(data_dir)) + ("" if split == "test" else f"-{split}")
         _log(f"{ckpt} ({info['mode']}) on {dataset}: {len(queries)} queries, {len(corpus)} documents, "
-             f"k_retrieve {k_retrieve}, k_rerank {k_rerank}, {world} process(es), {dev}")
+             f"k_retrieve {k_retrieve}, k_rerank {k_rerank}, self-hits {'dropped' if drop else 'kept'} "
+             f"(--drop-self {drop_self}), {world} process(es), {dev}")
 
         # ---- stages (timed on every rank; rank 0's times are reported)
         shard = world > 1
@@ -912,7 +947,7 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         if rank == 0:
             faiss_index = timed("index_build_s", lambda: build_index(doc_emb, index))
             runs["retrieval"] = timed("search_s", lambda: dense_run(qids, query_emb, doc_ids, faiss_index,
-                                                                    k_retrieve))
+                                                                    k_retrieve, drop_self=drop))
             del faiss_index, doc_emb
         if shard:
             box = [runs.get("retrieval")]
@@ -960,6 +995,7 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
             "device": str(dev), "world_size": world, "data_dir": os.path.abspath(data_dir), "split": split,
             "dev_cuts": dev_cuts, "max_queries": max_queries, "corpus_size": len(doc_ids),
             "k_retrieve": k_retrieve, "k_rerank": k_rerank, "index": index,
+            "drop_self": drop_self, "self_hits_dropped": drop,
             "candidates": os.path.abspath(candidates) if candidates is not None else None,
             "candidates_sha256": _sha256(candidates) if candidates is not None else None,
             "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "faiss": faiss.__version__,
@@ -1055,15 +1091,16 @@ def summary(result: dict) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command; an input error raises (cli() turns it into one line and exit code 2)."""
     import argparse
     import json
 
-    from model import CheckpointError
+    from model import ArgumentParser, UsageError
 
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a UniMoER run, checkpoint or plain "
-                                "model directory: dense retrieval, retrieve -> rerank, rerank of a candidate run.",
-                                epilog=__doc__.split("Usage\n-----\n", 1)[1].split("\n\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evaluate.py", description="Evaluate a UniMoER run, checkpoint or plain "
+                       "model directory: dense retrieval, retrieve -> rerank, rerank of a candidate run.",
+                       epilog=__doc__.split("Usage\n-----\n", 1)[1].split("\n\n", 1)[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="run directory, checkpoint directory or plain HF model directory (baseline)")
     p.add_argument("--data", help="BEIR folder (default: the run's own dev set, cut as in training)")
     p.add_argument("--split", help="qrels split (default test with --data; the run's dev split without)")
@@ -1078,27 +1115,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "data.max_doc_len / max_pair_len)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--reranker", help="a second run / checkpoint / model directory for the second stage")
+    p.add_argument("--drop-self", choices=DROP_SELF, default="auto", help="drop a retrieved document whose id "
+                   "equals the query id (BEIR); auto: only where the queries are corpus documents (ArguAna, "
+                   "Quora), see resolve_drop_self")
     p.add_argument("--out", help="output directory (default <ckpt>/eval/<dataset>[-<split>])")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     args, rest = p.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a]
     if len(overrides) != len(rest):
-        p.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
-    try:
-        result = evaluate_checkpoint(args.ckpt, args.data, args.split, k_retrieve=args.k_retrieve,
-                                     k_rerank=args.k_rerank, candidates=args.candidates, index=args.index,
-                                     batch_size=args.batch_size, max_queries=args.max_queries,
-                                     max_doc_len=args.max_doc_len, device=args.device, reranker=args.reranker,
-                                     out_dir=args.out, write=not args.no_write, overrides=overrides)
-    except (ValueError, OSError, CheckpointError) as e:  # EvalError, DataError, ConfigError; FileNotFoundError, ...
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)} "
+                         "(config overrides are --section.key=value)")
+    result = evaluate_checkpoint(args.ckpt, args.data, args.split, k_retrieve=args.k_retrieve,
+                                 k_rerank=args.k_rerank, candidates=args.candidates, index=args.index,
+                                 batch_size=args.batch_size, max_queries=args.max_queries,
+                                 max_doc_len=args.max_doc_len, device=args.device, reranker=args.reranker,
+                                 out_dir=args.out, write=not args.no_write, overrides=overrides,
+                                 drop_self=args.drop_self)
     if result is not None:
         print(json.dumps(summary(result)), flush=True)
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """`python evaluate.py ...` through the CLIs' one error path (model.run_cli): a missing file or malformed
+    input is one line naming the file (and line), exit code 2; `--debug` shows its traceback."""
+    from model import run_cli
+
+    return run_cli("evaluate.py", main, argv)
+
+
 if __name__ == "__main__":
     import evaluate as _module  # one module object: train.py imports `evaluate`, so its classes must be the same
 
-    sys.exit(_module.main(sys.argv[1:]))
+    sys.exit(_module.cli(sys.argv[1:]))

@@ -12,9 +12,11 @@ side and whatever else is in its batch.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,6 +34,47 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory or file that cannot be loaded as asked."""
+
+
+# --------------------------------------------------------------------------------------------- the CLIs' error path
+class UsageError(ValueError):
+    """A command line that does not parse: an unknown option, a missing or malformed argument."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the CLIs: a parse error raises UsageError (one line through run_cli, exit code 2) instead of
+    printing the usage block; `--debug` (handled by run_cli) is listed in --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# What a user can cause and fix: every project error (ConfigError, DataError, EvalError, UsageError, ... are
+# ValueErrors), a missing or unreadable file (OSError) and a checkpoint that does not load.
+INPUT_ERRORS = (ValueError, OSError, CheckpointError)
+
+
+def run_cli(prog: str, main, argv=None, known: tuple = ()) -> int:
+    """The one error path of train.py, evaluate.py, analysis.py and data.py: call main(argv) and return its exit
+    code (None -> 0). An input error (INPUT_ERRORS + `known`) becomes ONE line on stderr, `<prog>: error: <message>`,
+    and exit code 2; the messages name the file, key, line or value and what was expected. Anything else is a bug
+    and keeps its traceback. `--debug` anywhere in argv is removed and lets input errors raise with theirs too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = main(argv)
+    except INPUT_ERRORS + tuple(known) as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return code or 0
 
 
 # --------------------------------------------------------------------------------------------- config

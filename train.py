@@ -3,6 +3,7 @@
     python train.py configs/tiny.yaml                                   # CPU, built-in synthetic task, minutes
     python train.py configs/tiny.yaml --train.lr=5e-4 --train.steps=50  # overrides: --section.key=value (YAML)
     python train.py configs/tiny.yaml --resume                          # continue from <out_dir>'s latest checkpoint
+    python train.py configs/tiny.yaml --debug                           # a bad input's traceback (else: one line)
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: config dataclasses -> UniMoER (base + experts + the two task heads, and the encoder interface
@@ -41,6 +42,7 @@ import data
 import evaluate
 import moe_lora
 from model import CausalLM, ModelConfig, last_token_positions, load_pretrained, load_tokenizer
+from model import UsageError, run_cli
 from router import AUX_LOSSES, LearnedRouter, RetrieverRouter, RouterConfig
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
@@ -48,6 +50,30 @@ MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "h
 
 
 # ------------------------------------------------------------------------------------------------ config
+# Each section checks its own values (validate(where), `where` = the config file), Config.validate the rules
+# across sections; load_config runs them all before anything is built or written.
+def _check(where: str, key: str, value, ok: bool, expected: str) -> None:
+    """One config rule: unless ok, raise ConfigError '<where>: <key> must be <expected> (got <value>)'."""
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {expected} (got {value!r})")
+
+
+def _check_min(where: str, section, key: str, names: Sequence[str], lo: int) -> None:
+    """Each named integer field of the section object is >= lo."""
+    for name in names:
+        v = getattr(section, name)
+        _check(where, f"{key}.{name}", v, v >= lo, f">= {lo}")
+
+
+def _check_text(where: str, key: str, value: Optional[str], optional: bool = False) -> None:
+    """A path or name: a non-empty string (None where the field is optional)."""
+    _check(where, key, value, (optional and value is None) or (isinstance(value, str) and bool(value.strip())),
+           "a non-empty string" + (" or null" if optional else ""))
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds (np.random.seed, default_rng([seed, ...])) are in [0, 2**32)
+
+
 @dataclass
 class TinyBase:
     """The built-in random base used when model.path is null (vocabulary from the data's tokenizer)."""
@@ -60,6 +86,17 @@ class TinyBase:
     init_std: float = 0.1
     seed: int = 0
 
+    def validate(self, where: str, key: str = "model.tiny") -> None:
+        _check_min(where, self, key, ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                      "intermediate_size"), 1)
+        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        _check(where, f"{key}.head_dim", self.head_dim, self.head_dim >= 2 and self.head_dim % 2 == 0,
+               "even and >= 2 (rotary embedding pairs)")
+        _check(where, f"{key}.num_key_value_heads", self.num_key_value_heads,
+               self.num_attention_heads % self.num_key_value_heads == 0,
+               f"a divisor of num_attention_heads {self.num_attention_heads} (grouped-query attention)")
+        _check(where, f"{key}.init_std", self.init_std, self.init_std > 0, "> 0")
+
 
 @dataclass
 class ModelSection:
@@ -69,6 +106,11 @@ class ModelSection:
     tiny: TinyBase = field(default_factory=TinyBase)
     bidirectional: bool = False  # non-causal attention (GritLM-style ablation)
     grad_checkpointing: bool = False
+
+    def validate(self, where: str, key: str = "model") -> None:
+        _check_text(where, f"{key}.path", self.path, optional=True)
+        _check_text(where, f"{key}.tokenizer", self.tokenizer, optional=True)
+        self.tiny.validate(where, f"{key}.tiny")
 
 
 @dataclass
@@ -91,6 +133,18 @@ class DataSection:
     embed_instruction: str = data.EMBED_INSTRUCTION
     rerank_instruction: str = data.RERANK_INSTRUCTION
 
+    def validate(self, where: str, key: str = "data") -> None:
+        """Ranges here; max_pair_len and max_query_len against the templates need the tokenizer (check_lengths)."""
+        _check_text(where, f"{key}.dir", self.dir)
+        _check_text(where, f"{key}.train_file", self.train_file, optional=True)
+        _check_text(where, f"{key}.dev_split", self.dev_split)
+        _check_min(where, self, key, ("synthetic_seed", "dev_queries", "dev_corpus", "n_neg"), 0)
+        least = 2 if self.append_eos else 1  # with append_eos the EOS takes the last of the max_*_len tokens
+        for name in ("max_query_len", "max_doc_len", "max_pair_len"):
+            v = getattr(self, name)
+            _check(where, f"{key}.{name}", v, v >= least, f">= {least}" + (" (one text token + EOS with "
+                                                                             "data.append_eos)" if least == 2 else ""))
+
 
 @dataclass
 class AdapterSection:
@@ -105,6 +159,21 @@ class AdapterSection:
     dropout: float = 0.0
     shared: Literal["always", "routed"] = "always"  # joint_moe's shared expert: outside the router, or routed
 
+    def validate(self, where: str, key: str = "adapters") -> None:
+        _check_min(where, self, key, ("r", "shared_r"), 1)
+        for name in ("alpha", "shared_alpha"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+        short = [t[:-len("_proj")] for t in moe_lora.TARGETS]
+        ok = bool(self.targets) and len(set(self.targets)) == len(self.targets) and \
+            all(t in short or t in moe_lora.TARGETS for t in self.targets)
+        _check(where, f"{key}.targets", self.targets, ok, f"a non-empty list of distinct names among "
+               f"{', '.join(short)} (or {', '.join(moe_lora.TARGETS)})")
+        if self.layers is not None:
+            ok = bool(self.layers) and len(set(self.layers)) == len(self.layers) and min(self.layers) >= 0
+            _check(where, f"{key}.layers", self.layers, ok, "null (every layer) or a non-empty list of distinct "
+                   "layer indices >= 0")
+        _check(where, f"{key}.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
+
 
 @dataclass
 class Stage:
@@ -112,6 +181,10 @@ class Stage:
     lr: Optional[float] = None  # default train.lr
     tasks: Literal["both", "embed", "rerank"] = "both"
     freeze_experts: list[str] = field(default_factory=list)
+
+    def validate(self, where: str, key: str) -> None:
+        _check(where, f"{key}.steps", self.steps, self.steps >= 1, ">= 1")
+        _check(where, f"{key}.lr", self.lr, self.lr is None or self.lr > 0, "> 0 or null (train.lr)")
 
 
 @dataclass
@@ -148,6 +221,26 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16_autocast: bool = True  # on CUDA only
 
+    def validate(self, where: str, key: str = "train") -> None:
+        _check_text(where, f"{key}.out_dir", self.out_dir)
+        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        _check_min(where, self, key, ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk",
+                                      "max_bad_steps"), 1)
+        _check_min(where, self, key, ("warmup_steps",), 0)
+        _check(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
+               f"a multiple of train.grad_accum {self.grad_accum}")
+        for name in ("lr", "temperature", "clip"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+        for name in ("weight_decay", "emb_weight", "rank_weight"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check(where, f"{key}.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        for name, w in self.aux_weights.items():
+            _check(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
+                   f"an aux loss among {', '.join(AUX_LOSSES)}")
+            _check(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
+        for i, st in enumerate(self.stages):
+            st.validate(where, f"{key}.stages[{i}]")
+
 
 @dataclass
 class Config:
@@ -158,77 +251,95 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
 
     def validate(self, where: str) -> None:
+        """Every section's own ranges, then the rules across sections (experts of the mode, layers, tasks)."""
+        for section in (self.model, self.data, self.adapters, self.train):
+            section.validate(where)
         t = self.train
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk", "max_bad_steps"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"{where}: train.{name} must be >= 1 (got {getattr(t, name)})")
         if t.pooling == "first" and not self.model.bidirectional:
             raise ConfigError(f"{where}: train.pooling 'first' sees only the first token under causal attention; "
                               "set model.bidirectional: true or use 'last'")
         if self.router.tasks != TASKS:
             raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
-        unknown = [k for k in t.aux_weights if k not in AUX_LOSSES]
-        if unknown:
-            raise ConfigError(f"{where}: train.aux_weights: unknown aux loss {unknown} "
-                              f"(known: {', '.join(AUX_LOSSES)})")
-        for st in t.stages:
-            if st.steps < 1:
-                raise ConfigError(f"{where}: train.stages: steps must be >= 1")
         try:
-            adapter_config(self)
+            experts = [e.name for e in adapter_config(self).experts]
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
+        tasks = mode_tasks(t.mode)
+        for key, names in [("train.freeze_experts", t.freeze_experts)] + \
+                [(f"train.stages[{i}].freeze_experts", st.freeze_experts) for i, st in enumerate(t.stages)]:
+            for name in names:
+                _check(where, key, name, name in experts, f"an expert of mode {t.mode} ({', '.join(experts)})")
+        for i, st in enumerate(t.stages):
+            _check(where, f"train.stages[{i}].tasks", st.tasks, st.tasks in ["both"] + tasks,
+                   f"'both' or a task mode {t.mode} trains ({', '.join(tasks)})")
+        weights = [getattr(t, {"embed": "emb_weight", "rerank": "rank_weight"}[x]) for x in tasks]
+        _check(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
+               f"> 0 for at least one task mode {t.mode} trains")
+        layers = self.adapters.layers
+        if layers is not None and self.model.path is None:  # the tiny base's depth is known now; a model
+            n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs
+            _check(where, "adapters.layers", layers, max(layers) < n, f"layer indices < model.tiny.num_hidden_layers "
+                   f"{n}")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not map onto the dataclasses above."""
+    """A config file or override that does not map onto the dataclasses above, or a value out of its range."""
 
 
-def _check_value(value, hint, where: str):
-    """Check one YAML value against its field type and return it (an int is accepted for a float)."""
+def _check_value(value, hint, where: str, key: str):
+    """Check one YAML value (at `key` of the config file `where`) against its field type and return it (an int is
+    accepted for a float; a float must be finite)."""
+    at = f"{where}: {key}"
     origin, args = get_origin(hint), get_args(hint)
     if origin is Union:  # Optional[X]
         if value is None and type(None) in args:
             return None
-        return _check_value(value, next(a for a in args if a is not type(None)), where)
+        return _check_value(value, next(a for a in args if a is not type(None)), where, key)
     if origin is Literal:
         allowed = args[0] if len(args) == 1 and isinstance(args[0], tuple) else args
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{at}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin is list or hint is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+            raise ConfigError(f"{at}: expected a list, got {value!r}")
+        return [_check_value(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {k: _check_value(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else value
+            raise ConfigError(f"{at}: expected a mapping, got {value!r}")
+        return {k: _check_value(v, args[1], where, f"{key}.{k}") for k, v in value.items()} if args else value
     if is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return from_dict(hint, value, where, key)
     if hint is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{at}: expected a finite number, got {value!r}")
+        return float(value)
     if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{at}: expected {hint.__name__}, got {value!r}")
     return value
 
 
-def from_dict(cls, d, where: str):
-    """Build dataclass `cls` from a mapping, 1:1: an unknown key or a value of the wrong type is an error."""
+def from_dict(cls, d, where: str, key: str = ""):
+    """Build dataclass `cls` (at `key` of the config file `where`) from a mapping, 1:1: an unknown key, a missing
+    required key or a value of the wrong type is a ConfigError naming the file and the key."""
+    at = f"{where}: {key}" if key else where
     if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {d!r}")
+        raise ConfigError(f"{at}: expected a mapping, got {d!r}")
     hints, known = get_type_hints(cls), [f.name for f in fields(cls)]
     unknown = [k for k in d if k not in known]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+        raise ConfigError(f"{at}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+    values = {k: _check_value(v, hints[k], where, f"{key}.{k}" if key else k) for k, v in d.items()}
     try:
-        return cls(**{k: _check_value(v, hints[k], f"{where}.{k}") for k, v in d.items()})
+        return cls(**values)
     except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{at}: {e}") from None
+    except ValueError as e:  # a dataclass that validates itself (RouterConfig: "router.fn: must be one of ...")
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -239,20 +350,37 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str) -> dict:
-    """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is read first, then overridden."""
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML parse error (syntax, or a tag safe_load refuses such as !!python/object) as one line with its place."""
+    mark = getattr(e, "problem_mark", None)
+    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(e, "problem", None) or str(e)
+    return ConfigError(f"{place}: not valid YAML ({' '.join(str(problem).split())})")
+
+
+def read_yaml(path: str, _chain: tuple = ()) -> dict:
+    """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is read first, then overridden.
+    An empty file, a top level that is not a mapping and a `base:` cycle are ConfigErrors."""
+    chain = _chain + (path,)
+    if os.path.realpath(path) in [os.path.realpath(p) for p in _chain]:
+        raise ConfigError(f"{_chain[-1]}: base: {path} closes a cycle {' -> '.join(chain)}")
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
+        via = f" (base: of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"{path}: config file not found{via}")
+    with open(path, "rb") as f:  # bytes: yaml reports an undecodable file as a YAMLError with its position
         try:
-            d = yaml.safe_load(f) or {}
+            d = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raise _yaml_error(path, e) from None
+    if d is None:
+        raise ConfigError(f"{path}: the config file is empty (expected a mapping of sections: "
+                          f"{', '.join(f.name for f in fields(Config))})")
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(d).__name__}")
     base = d.pop("base", None)
     if base is not None:
-        d = _merge(read_yaml(os.path.join(os.path.dirname(path), base)), d)
+        _check_text(path, "base", base)
+        d = _merge(read_yaml(os.path.join(os.path.dirname(path), base), chain), d)
     return d
 
 
@@ -269,12 +397,17 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {o!r}: expected --section.key=value")
         keys, value = o[2:].split("=", 1)
         *parents, last = keys.split(".")
+        if not all(parents + [last]):
+            raise ConfigError(f"override {o!r}: empty key in {keys!r} (expected --section.key=value)")
         node = d
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {o!r}: {p!r} is not a section")
-        node[last] = yaml.safe_load(value)
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise _yaml_error(f"override {o!r}", e) from None
     return d
 
 
@@ -282,6 +415,56 @@ def config_from_dict(d: dict, where: str) -> Config:
     cfg = from_dict(Config, d, where)
     cfg.validate(where)
     return cfg
+
+
+def check_lengths(cfg: Config, tok, where: str) -> None:
+    """The length limits against the templates, with the tokenizer that will read them: data.max_query_len must
+    hold the query instruction frame `Instruct: ...\\nQuery:` (+ EOS) and at least one query token; data.max_pair_len
+    the reranker's prefix, suffix and `<Instruct>: ...\\n<Query>: \\n<Document>: ` and at least one text token."""
+    d = cfg.data
+    frame = len(tok.encode_ids([data.format_query("", d.embed_instruction)], 10**9, add_eos=d.append_eos)[0])
+    _check(where, "data.max_query_len", d.max_query_len, d.max_query_len > frame,
+           f"> {frame}, the tokens of the query template with data.embed_instruction"
+           + (" and the EOS" if d.append_eos else ""))
+    ids = lambda text: tok.encode_ids([text], 10**9, add_special_tokens=False)[0]  # noqa: E731
+    frame = len(ids(data.RERANK_PREFIX)) + len(ids(data.RERANK_SUFFIX)) + \
+        len(ids(data.format_rerank_pair("", "", d.rerank_instruction)))
+    _check(where, "data.max_pair_len", d.max_pair_len, d.max_pair_len > frame,
+           f"> {frame}, the tokens of the reranker template with data.rerank_instruction")
+
+
+def check_inputs(cfg: Config, where: str) -> None:
+    """What the run reads, checked before anything is written: the model and tokenizer directories, the data
+    files (unless data.synthetic will write them), adapters.layers against the model's depth, and the lengths
+    against the templates (check_lengths) when the tokenizer is already there."""
+    m, d = cfg.model, cfg.data
+    if m.path is not None:
+        if not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"{where}: model.path {m.path!r}: not a model directory (no config.json)")
+        if cfg.adapters.layers is not None:
+            try:
+                with open(os.path.join(m.path, "config.json")) as f:
+                    n = json.load(f).get("num_hidden_layers")
+            except (json.JSONDecodeError, AttributeError):
+                raise ConfigError(f"{where}: model.path {m.path!r}: config.json is not a JSON object") from None
+            _check(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
+                   f"layer indices < {n}, the depth of {m.path}")
+    if m.tokenizer is not None and not os.path.exists(m.tokenizer):
+        raise ConfigError(f"{where}: model.tokenizer {m.tokenizer!r}: not found")
+    if not (d.synthetic and not os.path.isdir(d.dir)):
+        if not os.path.isdir(d.dir):
+            raise ConfigError(f"{where}: data.dir {d.dir!r}: directory not found (data.synthetic: true writes the "
+                              "built-in task there)")
+        train_file = d.train_file or os.path.join(d.dir, "train.jsonl")
+        for key, path in (("data.dir", os.path.join(d.dir, "corpus.jsonl")),
+                          ("data.dir", os.path.join(d.dir, "queries.jsonl")),
+                          ("data.dev_split", os.path.join(d.dir, "qrels", f"{d.dev_split}.tsv")),
+                          ("data.train_file", train_file)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{where}: {key}: {path} not found")
+    tok_source = m.tokenizer or m.path or d.dir
+    if os.path.isfile(tok_source) or os.path.isfile(os.path.join(tok_source, "tokenizer.json")):
+        check_lengths(cfg, load_tokenizer(tok_source), where)
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -337,6 +520,7 @@ class UniMoER(nn.Module):
             nn.init.zeros_(self.head.bias)
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(data.RERANK_PREFIX), ids(data.RERANK_SUFFIX)
+        check_lengths(cfg, tok, f"tokenizer {tok.source}")
 
     # ---- text -> tensors
     def _device(self):
@@ -711,10 +895,12 @@ def load_dev(cfg: Config) -> tuple:
 
 
 def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
-    """Retrieval over the dev corpus, then reranking of each query's top train.rerank_topk: nDCG@10 of both."""
+    """Retrieval over the dev corpus, then reranking of each query's top train.rerank_topk: nDCG@10 of both.
+    Self-hits are dropped as evaluate.py's default --drop-self auto decides (evaluate.resolve_drop_self)."""
     corpus, queries, qrels = dev
     first, second = evaluate.two_stage(um, queries, corpus, k_retrieve=max(100, cfg.train.rerank_topk),
-                                       k_rerank=cfg.train.rerank_topk, progress=False)
+                                       k_rerank=cfg.train.rerank_topk, progress=False,
+                                       drop_self=evaluate.resolve_drop_self("auto", queries, corpus))
     emb, rr = evaluate.evaluate_run(qrels, first), evaluate.evaluate_run(qrels, second)
     return {"emb_ndcg@10": emb["ndcg@10"], "emb_recall@100": emb["recall@100"],
             "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
@@ -1056,8 +1242,9 @@ def prepare(cfg: Config, rank: int) -> Config:
 def main(argv: Sequence[str]) -> None:
     args = [a for a in argv if a != "--resume"]
     if not args or args[0].startswith("--"):
-        sys.exit("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume]")
+        raise UsageError("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume] [--debug]")
     cfg = load_config(args[0], args[1:])
+    check_inputs(cfg, args[0] + (" (with overrides)" if args[1:] else ""))
     resume = "--resume" in argv
     t = cfg.train
     rank, world, device = setup_distributed(cfg)
@@ -1152,5 +1339,11 @@ def main(argv: Sequence[str]) -> None:
         dist.destroy_process_group()
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """`python train.py ...` through the CLIs' one error path (model.run_cli): an input error is one line naming
+    the file, key or value, exit code 2; `--debug` shows its traceback."""
+    return run_cli("train.py", main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -241,6 +241,6 @@ def test_report_without_matplotlib_fails_with_a_clear_message(runs, tmp_path, mo
 
 
 def test_a_wrong_checkpoint_path_is_one_error_line_naming_it(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        analysis.main(["routing", str(tmp_path / "nowhere")])
-    assert "nowhere: no checkpoint here" in str(e.value) and "\n" not in str(e.value)
+    assert analysis.cli(["routing", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: no checkpoint here" in err and err.count("\n") == 1

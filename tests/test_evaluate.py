@@ -250,7 +250,7 @@ def test_cli_error_is_one_line_on_stderr_with_exit_code_2(run, tmp_path, capsys)
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
     os.remove(os.path.join(train.checkpoint_dir(copy), "adapters.safetensors"))
-    assert ev.main([copy]) == 2
+    assert ev.cli([copy]) == 2  # the CLI's error path (model.run_cli); ev.main raises
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
     assert captured.err.count("\n") == 1 and "adapters.safetensors" in captured.err
