@@ -170,11 +170,14 @@ def test_a_run_killed_mid_checkpoint_and_resumed_ends_identical_to_an_uninterrup
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 3
     assert len(glob.glob(os.path.join(out, ".tmp-ckpt-*"))) == 1
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4, 5, 6]
+    # The lock file still names the killed run, but the OS released its flock with the process: no stale lock.
+    assert json.loads(open(os.path.join(out, train.LOCK_FILE)).read())["pid"] == proc.pid
 
     res = subprocess.run([sys.executable, os.path.join(tiny_setup.REPO, "train.py"), cfg_path,
                           f"--train.out_dir={out}", "--resume"], env={**env, "PYTHONHASHSEED": "2"},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert glob.glob(os.path.join(out, ".tmp-*")) == []  # the killed write's leftover was removed at the start
 
     assert latest(out) == latest(uninterrupted) == "checkpoint-000008"
     final, want = train.checkpoint_dir(out), train.checkpoint_dir(uninterrupted)
