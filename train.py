@@ -3,6 +3,7 @@
     python train.py configs/tiny.yaml                                   # CPU, built-in synthetic task, minutes
     python train.py configs/tiny.yaml --train.lr=5e-4 --train.steps=50  # overrides: --section.key=value (YAML)
     python train.py configs/tiny.yaml --resume                          # continue from <out_dir>'s latest checkpoint
+    python train.py configs/tiny.yaml --overwrite                       # delete the run in <out_dir>, start afresh
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: config dataclasses -> UniMoER (base + experts + the two task heads, and the encoder interface
@@ -13,7 +14,8 @@ evaluation), train_log.jsonl (one line per step), base/ (only for the built-in t
 checkpoint-NNNNNN/ directories (adapters.safetensors: experts and routers; head.safetensors: the optional
 linear reranking head; trainer_state.pt: optimizer, RNG and step; config.yaml) named by the text file `latest`.
 Each checkpoint is written to a temporary directory and renamed, so a kill at any moment leaves the previous
-one whole.
+one whole. Also: run.lock (flock'ed by the running process), last_good (the newest good checkpoint, never pruned)
+and resumes.jsonl (what each --resume changed; see open_run_dir and RESUMABLE_KEYS).
 """
 from __future__ import annotations
 
