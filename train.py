@@ -924,10 +924,11 @@ def _flat(x, prefix: str = "") -> dict:
 
 
 def _comparable(cfg: Config) -> dict:
-    """cfg as dotted keys, with the tiny base's model.path (<out_dir>/base, set by prepare) as null again."""
+    """cfg as dotted keys, with the tiny base's model.path (<out_dir>/base, set by prepare) as null again; for the
+    tiny base model.tokenizer only said where to copy the tokenizer from when base/ was written, so it is left out."""
     d = asdict(cfg)
-    if d["model"]["path"] == os.path.join(d["train"]["out_dir"], "base"):
-        d["model"]["path"] = None
+    if d["model"]["path"] in (None, os.path.join(d["train"]["out_dir"], "base")):
+        d["model"]["path"] = d["model"]["tokenizer"] = None
     return _flat(d)
 
 
@@ -1215,7 +1216,7 @@ def train_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
             _append_jsonl(log_path, record)
             bar.update(1)
             bar.write(f"step {step}/{total_steps} | loss " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (bad step)" if not ok.item() else ""))
+                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (bad)" if not ok.item() else ""))
             if step % t.eval_every == 0 or step == total_steps:
                 m = {"step": step, **dev_evaluate(um, dev, cfg)}
                 _append_jsonl(metrics_path, m)

@@ -302,7 +302,8 @@ def test_a_full_disk_is_one_line_exit_2_and_the_previous_checkpoint_is_intact(ta
     assert train.cli([cfg_path]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"{out}/.tmp-ckpt-")
-    assert "writing checkpoint-000004 failed" in err[0] and "previous checkpoint (checkpoint-000002) is intact" in err[0]
+    assert "writing checkpoint-000004 failed" in err[0]
+    assert "the previous checkpoint (checkpoint-000002) is intact" in err[0]
     assert pointer(out, "latest") == "checkpoint-000002" and glob.glob(os.path.join(out, ".tmp-*")) == []
     train.load_run(out)
 

@@ -171,7 +171,8 @@ def test_two_setups_at_once_on_one_fresh_data_dir_both_succeed_with_identical_da
     procs = []
     for i in range(2):  # one data dir, two run dirs; both start writing as soon as both have started
         cfg_path = config(str(tmp_path / f"r{i}"), data_dir=str(tmp_path / "data"))
-        procs.append(start_setup(tmp_path, cfg_path, f"setup{i}", READY_SELF=ready[i], READY_WAIT=os.pathsep.join(ready)))
+        procs.append(start_setup(tmp_path, cfg_path, f"setup{i}", READY_SELF=ready[i],
+                                 READY_WAIT=os.pathsep.join(ready)))
     for i, p in enumerate(procs):
         p.wait(timeout=240)
         assert p.returncode == 0, (tmp_path / f"setup{i}.log").read_text()[-3000:]
