@@ -308,17 +308,37 @@ def test_a_full_disk_is_one_line_exit_2_and_the_previous_checkpoint_is_intact(ta
     train.load_run(out)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions, so chmod cannot make a read-only "
-                    "out_dir here (the full-disk test covers the write-failure path)")
-def test_a_read_only_out_dir_is_one_line_exit_2(task, tmp_path, capsys):
+def can_bind_read_only() -> bool:
+    """Root ignores permissions; it can still make a read-only view with a bind mount in its own mount namespace."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return os.geteuid() != 0
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind / /mnt && mount -o remount,bind,ro /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_bind_read_only(), reason="running as root without mount namespaces: neither chmod nor a "
+                    "read-only bind mount can make out_dir read-only here (the full-disk test covers write failures)")
+def test_a_read_only_out_dir_is_one_line_exit_2_and_the_checkpoint_is_intact(task, tmp_path):
     cfg_path = write_cfg(tmp_path, task, train={"steps": 2, "save_every": 2, "eval_every": 2})
     train.main([cfg_path])
     out = str(tmp_path / "run")
-    os.chmod(out, 0o555)
-    try:
-        assert train.cli([cfg_path, "--resume", "--train.steps=4"]) == 2
-    finally:
-        os.chmod(out, 0o755)
-    err = error_lines(capsys.readouterr().err)
-    assert len(err) == 1 and out in err[0]
+    ckpt = os.path.join(out, "checkpoint-000002")
+    before = {e: read(os.path.join(ckpt, e)) for e in os.listdir(ckpt)}
+    cmd = [sys.executable, os.path.join(tiny_setup.REPO, "train.py"), cfg_path, "--resume", "--train.steps=4"]
+    if os.geteuid() == 0:  # a read-only bind mount of out_dir over itself, visible to this one command only
+        res = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind "{out}" "{out}" && mount -o remount,bind,ro '
+                              f'"{out}" && exec "$@"', "sh", *cmd], capture_output=True, text=True,
+                             env=tiny_setup.SUBPROCESS_ENV, timeout=300)
+    else:
+        os.chmod(out, 0o555)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, env=tiny_setup.SUBPROCESS_ENV, timeout=300)
+        finally:
+            os.chmod(out, 0o755)
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = error_lines(res.stderr)
+    assert len(err) == 1 and out in err[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
     assert pointer(out, "latest") == "checkpoint-000002"
+    assert {e: read(os.path.join(ckpt, e)) for e in before} == before
