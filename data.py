@@ -402,6 +402,11 @@ def build_dir_atomically(final_path: str, write_fn: Callable[[str], None]) -> bo
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # someone else's rename won
                 return False
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.filename is None and e.errno is not None:  # a full disk's write error names no file: name the dir
+                raise OSError(e.errno, e.strerror, tmp) from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
