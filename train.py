@@ -1093,7 +1093,7 @@ def prepare(cfg: Config, rank: int) -> Config:
     d, out = cfg.data, cfg.train.out_dir
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        if d.synthetic and not os.path.isdir(d.dir):
+        if d.synthetic and not (os.path.isdir(d.dir) and os.listdir(d.dir)):  # atomic: present means complete
             data.make_synthetic(d.dir, seed=d.synthetic_seed)
         if cfg.model.path is None and not os.path.isdir(os.path.join(out, "base")):
             write_tiny_base(cfg, os.path.join(out, "base"))
