@@ -4,19 +4,22 @@ the built-in synthetic task behind the tiny default config.
 Reading order:
   prompt templates (Qwen3-Embedding / Qwen3-Reranker strings)  ->  BEIR loaders  ->  training files (JSONL,
   MS MARCO triples)  ->  TrainSampler (exact resume from the step alone)  ->  mine_hard_negatives  ->
-  make_synthetic  ->  CLI (`python data.py synthetic OUT_DIR [--seed N]`).
+  build_dir_atomically  ->  make_synthetic  ->  CLI (`python data.py synthetic OUT_DIR [--seed N]`).
 
 Every reader validates as it goes and raises ONE `DataError` naming `file:line` at the first problem, so a bad
 line is found by reading the message, not by a KeyError deep inside training. Blank lines are skipped.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import random
+import shutil
 import sys
-from typing import NamedTuple, Sequence
+import tempfile
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -364,6 +367,76 @@ def mine_hard_negatives(query_ids: Sequence[str], queries: Sequence[str], doc_id
     return out
 
 
+# --------------------------------------------------------------------------------------------- atomic directories
+def build_dir_atomically(final_path: str, write_fn: Callable[[str], None]) -> bool:
+    """Create directory `final_path` so that it exists only complete: write_fn(tmp) fills a temporary sibling
+    `.tmp-<name>-XXXXXX`, which is renamed to `final_path` when write_fn returns. -> True if this call built it.
+
+    An existing non-empty final_path is complete by construction and is returned at once (False; an empty one is
+    replaced). Builders of one path take
+    turns on an exclusive flock of `.<name>.lock` beside it (released by the OS when a builder dies), so a second
+    process waits, then finds the directory; holding the lock, a builder removes the temporaries of killed
+    builders (never read). Where flock is not honoured, the rename decides: if final_path appeared meanwhile,
+    that copy stands and this one is discarded. Files are fsynced before the rename.
+    """
+    final_path = os.path.abspath(final_path)
+    if _nonempty_dir(final_path):
+        return False
+    parent, name = os.path.split(final_path)
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # blocks while another process builds; freed on its death
+        if _nonempty_dir(final_path):  # the other process finished while we waited
+            return False
+        for leftover in os.listdir(parent):  # a killed builder's partial copy
+            if leftover.startswith(f".tmp-{name}-"):
+                shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+        try:
+            write_fn(tmp)
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, final_path)
+            except OSError:
+                if not _nonempty_dir(final_path):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # someone else's rename won
+                return False
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.filename is None and e.errno is not None:  # a full disk's write error names no file: name the dir
+                raise OSError(e.errno, e.strerror, tmp) from e
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(parent)
+    return True
+
+
+def _nonempty_dir(path: str) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def _fsync_tree(root: str) -> None:
+    for d, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------------------------- synthetic task
 # A retrieval task that word overlap cannot solve but a model can learn:
 #   * concepts: n_concepts ideas, each written as one of n_forms made-up synonymous words ("tovami" / "ruke");
@@ -429,6 +502,9 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
                    same_form: int = 0, shared_stems: bool = True,
                    n_neg: int = 8, vocab_size: int = 1536) -> dict:
     """Write the synthetic task (design above) to out_dir; same arguments -> byte-identical files.
+
+    out_dir appears only complete (build_dir_atomically): a kill leaves at most a temporary sibling, removed by
+    the next call; an existing out_dir is kept as it is.
 
     Files: corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv (disjoint query sets), train.jsonl,
     tokenizer.json + tokenizer_config.json, lexicon.json. Returns a small summary dict.
@@ -512,22 +588,6 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
                     negs.append(e)
             train_lines.append({"query": queries[-1], "pos": [doc_texts[d]], "neg": [doc_texts[e] for e in negs]})
 
-    # Files.
-    qid = [f"q{i:05d}" for i in range(len(targets))]
-    did = [f"d{j:05d}" for j in range(n_docs)]
-    _atomic_write_text(os.path.join(out_dir, "corpus.jsonl"), "".join(
-        json.dumps({"_id": did[j], "title": "", "text": t}) + "\n" for j, t in enumerate(doc_texts)))
-    _atomic_write_text(os.path.join(out_dir, "queries.jsonl"), "".join(
-        json.dumps({"_id": qid[i], "text": q}) + "\n" for i, q in enumerate(queries)))
-    splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
-              "test": range(n_train + n_dev, n_train + n_eval)}
-    for split, rows in splits.items():
-        _atomic_write_text(os.path.join(out_dir, "qrels", f"{split}.tsv"), "\t".join(QRELS_HEADER) + "\n" + "".join(
-            f"{qid[i]}\t{did[targets[i][0]]}\t2\n" for i in rows))
-    write_train_jsonl(os.path.join(out_dir, "train.jsonl"), train_lines)
-    _atomic_write_text(os.path.join(out_dir, "lexicon.json"),
-                       json.dumps({"concepts": lexicon}, indent=1) + "\n")
-
     # Tokenizer, trained on everything the model will read, templates included (repeated so their words become
     # whole tokens: prompts stay short), and "yes"/"no" as standalone texts so each is a single token.
     templates = RERANK_PREFIX + format_rerank_pair("q", "d") + RERANK_SUFFIX + "\n" + format_query("q")
@@ -537,10 +597,29 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     for word in ("yes", "no"):
         if tok.token_to_id(word) is None:
             raise RuntimeError(f"synthetic tokenizer: {word!r} is not a single token")
-    _atomic_write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True) + "\n")
-    _atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
+
+    # Files, into a temporary sibling renamed to out_dir when complete (an existing out_dir is kept).
+    qid = [f"q{i:05d}" for i in range(len(targets))]
+    did = [f"d{j:05d}" for j in range(n_docs)]
+    splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
+              "test": range(n_train + n_dev, n_train + n_eval)}
+
+    def write(d: str) -> None:
+        _atomic_write_text(os.path.join(d, "corpus.jsonl"), "".join(
+            json.dumps({"_id": did[j], "title": "", "text": t}) + "\n" for j, t in enumerate(doc_texts)))
+        _atomic_write_text(os.path.join(d, "queries.jsonl"), "".join(
+            json.dumps({"_id": qid[i], "text": q}) + "\n" for i, q in enumerate(queries)))
+        for split, rows in splits.items():
+            _atomic_write_text(os.path.join(d, "qrels", f"{split}.tsv"), "\t".join(QRELS_HEADER) + "\n" + "".join(
+                f"{qid[i]}\t{did[targets[i][0]]}\t2\n" for i in rows))
+        write_train_jsonl(os.path.join(d, "train.jsonl"), train_lines)
+        _atomic_write_text(os.path.join(d, "lexicon.json"), json.dumps({"concepts": lexicon}, indent=1) + "\n")
+        _atomic_write_text(os.path.join(d, "tokenizer.json"), tok.to_str(pretty=True) + "\n")
+        _atomic_write_text(os.path.join(d, "tokenizer_config.json"), json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
+
+    build_dir_atomically(out_dir, write)
     return {"out_dir": out_dir, "docs": n_docs, "train": n_train, "dev": n_dev, "test": n_test,
             "vocab_size": tok.get_vocab_size()}
 

@@ -3,6 +3,7 @@
     python train.py configs/tiny.yaml                                   # CPU, built-in synthetic task, minutes
     python train.py configs/tiny.yaml --train.lr=5e-4 --train.steps=50  # overrides: --section.key=value (YAML)
     python train.py configs/tiny.yaml --resume                          # continue from <out_dir>'s latest checkpoint
+    python train.py configs/tiny.yaml --overwrite                       # delete the run in <out_dir>, start afresh
     python train.py configs/tiny.yaml --debug                           # a bad input's traceback (else: one line)
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
@@ -15,16 +16,22 @@ evaluation), train_log.jsonl (one line per step), base/ (only for the built-in t
 checkpoint-NNNNNN/ directories (adapters.safetensors: experts and routers; head.safetensors: the optional
 linear reranking head; trainer_state.pt: optimizer, RNG and step; config.yaml) named by the text file `latest`.
 Each checkpoint is written to a temporary directory and renamed, so a kill at any moment leaves the previous
-one whole.
+one whole. Also: run.lock (flock'ed by the running process), last_good (the newest good checkpoint, never pruned)
+and resumes.jsonl (what each --resume changed; see open_run_dir and RESUMABLE_KEYS).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
+import fnmatch
 import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -217,7 +224,10 @@ class TrainSection:
     eval_every: int = 100
     save_every: int = 100
     rerank_topk: int = 100  # dev reranking depth
-    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    max_bad_steps: int = 5  # this many bad steps in a row (non-finite, or an update above max_update_rms) stop the run
+    # An update whose RMS over all trainable elements, sqrt(sum (p' - p)^2 / N), exceeds this is undone and counts as
+    # a bad step (Adam moves each element by about lr, so RMS ~ lr; 1.0 in one step is an explosion). null: off
+    max_update_rms: Optional[float] = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16_autocast: bool = True  # on CUDA only
 
@@ -238,6 +248,8 @@ class TrainSection:
             _check(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
                    f"an aux loss among {', '.join(AUX_LOSSES)}")
             _check(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
+        if self.max_update_rms is not None:
+            _check(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
         for i, st in enumerate(self.stages):
             st.validate(where, f"{key}.stages[{i}]")
 
@@ -735,29 +747,31 @@ def total_loss(out: dict, cfg: Config, group: int) -> tuple:
 
 # ------------------------------------------------------------------------------------------------ building
 def write_tiny_base(cfg: Config, out: str) -> None:
-    """Write the built-in random base as an HF directory (config.json, model.safetensors, tokenizer files)."""
+    """Write the built-in random base as an HF directory (config.json, model.safetensors, tokenizer files),
+    atomically (data.build_dir_atomically): an existing `out` is kept, a killed write leaves only a temporary."""
     from safetensors.torch import save_file
 
-    tiny, tok_src = cfg.model.tiny, cfg.model.tokenizer or cfg.data.dir
-    tok = load_tokenizer(tok_src)
-    hf = {"model_type": "qwen3", "vocab_size": tok.vocab_size, "hidden_size": tiny.hidden_size,
-          "intermediate_size": tiny.intermediate_size, "num_hidden_layers": tiny.num_hidden_layers,
-          "num_attention_heads": tiny.num_attention_heads, "num_key_value_heads": tiny.num_key_value_heads,
-          "head_dim": tiny.head_dim, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
-          "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False}
-    gen = torch.Generator().manual_seed(tiny.seed)
-    model = CausalLM(ModelConfig.from_hf_dict(hf))
-    state = {k: (torch.randn(v.shape, generator=gen) * tiny.init_std if not k.endswith("norm.weight") else v)
-             for k, v in model.state_dict().items()}
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp-base-")
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    src_dir = tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copy(os.path.join(src_dir, name), os.path.join(tmp, name))
-    os.rename(tmp, out)
+    def write(tmp: str) -> None:
+        tiny, tok_src = cfg.model.tiny, cfg.model.tokenizer or cfg.data.dir
+        tok = load_tokenizer(tok_src)
+        hf = {"model_type": "qwen3", "vocab_size": tok.vocab_size, "hidden_size": tiny.hidden_size,
+              "intermediate_size": tiny.intermediate_size, "num_hidden_layers": tiny.num_hidden_layers,
+              "num_attention_heads": tiny.num_attention_heads, "num_key_value_heads": tiny.num_key_value_heads,
+              "head_dim": tiny.head_dim, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+              "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False}
+        gen = torch.Generator().manual_seed(tiny.seed)
+        model = CausalLM(ModelConfig.from_hf_dict(hf))
+        state = {k: (torch.randn(v.shape, generator=gen) * tiny.init_std if not k.endswith("norm.weight") else v)
+                 for k, v in model.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        src_dir = tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(src_dir, name)):
+                shutil.copy(os.path.join(src_dir, name), os.path.join(tmp, name))
+
+    data.build_dir_atomically(out, write)
 
 
 def build_model(cfg: Config, device: torch.device) -> UniMoER:
@@ -791,38 +805,111 @@ def checkpoint_dir(path: str) -> str:
 
 
 def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, keep: int = 2) -> str:
-    """Write <out_dir>/checkpoint-<step> atomically (temporary directory, then rename), then point `latest` at it."""
+    """Write <out_dir>/checkpoint-<step> atomically (temporary directory, then rename), then point `latest` at it.
+
+    A good checkpoint (checkpoint_is_good) is also named by `last_good`. Pruning keeps the `keep` newest and the
+    one `last_good` names. A failed write (disk full, read-only) removes its temporary directory and raises one
+    RunDirError naming it; the previous checkpoint is untouched.
+    """
     from safetensors.torch import save_file
 
     out = cfg.train.out_dir
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
-    moe_lora.save_adapters(um.base, os.path.join(tmp, "adapters.safetensors"))
-    if um.head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in um.head.state_dict().items()},
-                  os.path.join(tmp, "head.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-           "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(), "rng": rng},
-               os.path.join(tmp, "trainer_state.pt"))
-    save_config(cfg, os.path.join(tmp, "config.yaml"))
     name = f"checkpoint-{step:06d}"
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
+        moe_lora.save_adapters(um.base, os.path.join(tmp, "adapters.safetensors"))
+        if um.head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in um.head.state_dict().items()},
+                      os.path.join(tmp, "head.safetensors"))
+        rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+               "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save({"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(), "rng": rng},
+                   os.path.join(tmp, "trainer_state.pt"))
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prev = os.path.join(out, "latest")
+        prev = open(prev).read().strip() if os.path.isfile(prev) else "none"
+        raise RunDirError(f"{tmp or out}: writing {name} failed ({e}); the previous checkpoint ({prev}) is "
+                          "intact") from e
     final = os.path.join(out, name)
     if os.path.isdir(final):  # a re-run of the same step after a resume: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
     evaluate.write_text_atomic(os.path.join(out, "latest"), name + "\n")
+    if checkpoint_is_good(um, out, step, bad_steps):
+        evaluate.write_text_atomic(os.path.join(out, "last_good"), name + "\n")
+    protected = {name, _read_name(os.path.join(out, "last_good"))}
     old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        if d not in protected:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
+
+
+def checkpoint_is_good(um: UniMoER, out_dir: str, step: int, bad_steps: int) -> bool:
+    """Good = saved outside a bad-step streak, every trainable tensor finite, and, if the dev set was evaluated at
+    this step (metrics.jsonl's last line), every metric finite."""
+    if bad_steps or not all(bool(torch.isfinite(p).all()) for p in trainable_parameters(um)):
+        return False
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+        if last.get("step") == step and not all(math.isfinite(v) for v in last.values() if isinstance(v, float)):
+            return False
+    return True
+
+
+def _read_name(path: str) -> Optional[str]:
+    """The checkpoint name a pointer file (`latest`, `last_good`) holds, or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def last_good_checkpoint(out_dir: str) -> str:
+    """The path of the newest good checkpoint (named by `last_good`), for messages."""
+    name = _read_name(os.path.join(out_dir, "last_good"))
+    return os.path.join(out_dir, name) if name else f"none (no good checkpoint was saved in {out_dir})"
+
+
+def check_adapters_match(cfg: Config, adapters_path: str, config_path: str) -> None:
+    """The expert spec stored in an adapter file must be the one cfg builds (experts and ranks, targets, layers,
+    routing = train.mode); a mismatch is one ValueError naming each differing field."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(adapters_path):
+        raise FileNotFoundError(f"{adapters_path}: adapter file not found")
+    with safe_open(adapters_path, framework="pt", device="cpu") as f:
+        meta = (f.metadata() or {}).get(moe_lora.METADATA_KEY)
+    if meta is None:
+        raise ValueError(f"{adapters_path}: not a MoE-LoRA adapter file (no {moe_lora.METADATA_KEY!r} metadata)")
+    try:
+        stored = moe_lora.MoELoRAConfig.from_dict(json.loads(meta)).to_dict()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{adapters_path}: invalid MoE-LoRA spec in metadata: {e}") from None
+    want = adapter_config(cfg).to_dict()
+    show = lambda k, v: (", ".join(f"{e['name']} r={e['r']}" for e in v) if k == "experts"  # noqa: E731
+                         else json.dumps(v, sort_keys=True))
+    diffs = [f"{k}: {show(k, stored.get(k))} in the file, {show(k, want.get(k))} in the config"
+             for k in want if stored.get(k) != want.get(k)]
+    if diffs:
+        raise ValueError(f"{adapters_path}: the adapters do not match {config_path} (train.mode "
+                         f"{cfg.train.mode!r}): " + "; ".join(diffs))
 
 
 def load_trainer_state(ckpt: str, um: UniMoER, opt) -> tuple:
     """Restore adapters, head, optimizer and RNG from a checkpoint directory -> (step, bad_steps)."""
     from safetensors.torch import load_file
 
+    check_adapters_match(um.cfg, os.path.join(ckpt, "adapters.safetensors"), "the resumed config")
     moe_lora.load_adapters(um.base, os.path.join(ckpt, "adapters.safetensors"))
     if um.head is not None:
         um.head.load_state_dict(load_file(os.path.join(ckpt, "head.safetensors")))
@@ -850,6 +937,7 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu") -> UniMoER:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: config.yaml missing from the checkpoint")
     cfg = load_config(cfg_path)
+    check_adapters_match(cfg, os.path.join(ckpt, "adapters.safetensors"), cfg_path)
     run_base = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "base")
     if not os.path.isdir(cfg.model.path) and os.path.isdir(run_base):
         cfg.model.path = run_base  # the tiny base travels with its run directory (model.path was relative)
@@ -873,8 +961,11 @@ def _truncate_jsonl(path: str, step: int) -> None:
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # name the file (a full disk's write error carries no path)
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 # ------------------------------------------------------------------------------------------------ dev evaluation
@@ -1015,7 +1106,219 @@ def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
     return inputs
 
 
+# ------------------------------------------------------------------------------------------------ the run directory
+LOCK_FILE = "run.lock"  # flock'ed by the run's rank 0 for its whole life; holds {"pid", "host", "started", "argv"}
+RUN_ENTRIES = ("latest", "last_good", "train_log.jsonl", "metrics.jsonl", "routing.jsonl", "resumes.jsonl")
+# Keys a --resume may change (fnmatch patterns, list indices as [*]): how long, how often to evaluate and save,
+# where, on what device, and the bad-step guards. Everything else (seed, data, batch, lr, model, adapters, ...)
+# would make the directory describe a run that was not trained.
+RESUMABLE_KEYS = ("train.steps", "train.stages[*].steps", "train.eval_every", "train.save_every", "train.device",
+                  "train.max_bad_steps", "train.max_update_rms", "train.rerank_topk", "train.out_dir",
+                  "data.dev_queries", "data.dev_corpus", "model.grad_checkpointing")
+
+
+class RunDirError(OSError):
+    """A run directory that cannot be used as asked: locked by another run, or a checkpoint that cannot be written."""
+
+
+class RunLock:
+    """An exclusive fcntl.flock on <out_dir>/run.lock. The OS drops it when the file is closed or the process dies
+    (so a killed run never blocks its resume); the file itself stays, naming the last holder."""
+
+    def __init__(self, out_dir: str, argv: Sequence[str] = ()):
+        self.path = os.path.join(out_dir, LOCK_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(self.fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not yet written its name"
+            raise RunDirError(f"{out_dir}: in use by another run ({who}; lock file {self.path}); wait for it to "
+                              "end or choose another train.out_dir") from None
+        self.argv = list(argv)
+
+    def claim(self) -> None:
+        """Write this process's name into the lock file: only once the run is accepted, so a refused run leaves
+        the directory byte-identical."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": self.argv}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_leftovers(out_dir: str) -> list:
+    """Remove the .tmp-* entries of interrupted writes (checkpoints, the tiny base, text files). Only safe under the
+    run lock: no other process writes into out_dir then."""
+    gone = sorted(e for e in os.listdir(out_dir) if e.startswith(".tmp-"))
+    for e in gone:
+        path = os.path.join(out_dir, e)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return gone
+
+
+def clear_for_fresh_run(cfg: Config, overwrite: bool) -> None:
+    """A fresh run needs a directory without checkpoints or logs: refuse one that has them (with or without
+    `latest`), or with --overwrite delete them. Also drops what a run that never saved could leave (config.yaml,
+    the tiny base, rebuilt from this config)."""
+    out = cfg.train.out_dir
+    found = sorted(e for e in os.listdir(out) if e in RUN_ENTRIES or e.startswith("checkpoint-"))
+    if found and not overwrite:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, --overwrite to delete it, "
+                              f"or choose another train.out_dir (nothing was changed; found: {', '.join(found[:4])}"
+                              f"{', ...' if len(found) > 4 else ''})")
+    stale = found + ["config.yaml"] + (["base"] if cfg.model.path is None else [])
+    for e in stale:
+        path = os.path.join(out, e)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    if found:
+        print(f"--overwrite: removed {len(found)} entries of the previous run in {out}", flush=True)
+
+
+def _flat(x, prefix: str = "") -> dict:
+    """{"train.stages[0].steps": 6, "train.stages[#]": 2, ...}: a config mapping as dotted keys, lists of mappings
+    by index plus their length under [#]."""
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(x, list) and all(isinstance(v, dict) for v in x):
+        out = {f"{prefix}[#]": len(x)}
+        for i, v in enumerate(x):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: x}
+
+
+def _comparable(cfg: Config) -> dict:
+    """cfg as dotted keys, with the tiny base's model.path (<out_dir>/base, set by prepare) as null again; for the
+    tiny base model.tokenizer only said where to copy the tokenizer from when base/ was written, so it is left out."""
+    d = asdict(cfg)
+    if d["model"]["path"] in (None, os.path.join(d["train"]["out_dir"], "base")):
+        d["model"]["path"] = d["model"]["tokenizer"] = None
+    return _flat(d)
+
+
+def check_resume_config(cfg: Config) -> dict:
+    """Compare the resolved config with the run's own config.yaml -> {key: (old, new)} of allowed changes
+    (RESUMABLE_KEYS); any other difference is one ConfigError listing the keys."""
+    path = os.path.join(cfg.train.out_dir, "config.yaml")
+    old, new = _comparable(load_config(path)), _comparable(cfg)
+    missing = object()
+    changed = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
+               if old.get(k, missing) != new.get(k, missing)}
+    show = lambda v: "(none)" if v is missing else (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa
+    frozen = [k for k in changed if not any(fnmatch.fnmatchcase(re.sub(r"\[\d+\]", "[*]", k), pat)
+                                           for pat in RESUMABLE_KEYS)]
+    if frozen:
+        raise ConfigError(f"--resume: the config differs from {path} in keys a resume may not change: "
+                          + ", ".join(f"{k} ({show(changed[k][0])} -> {show(changed[k][1])})" for k in frozen)
+                          + "; start a fresh run in another train.out_dir to change them")
+    return {k: (None if a is missing else a, None if b is missing else b) for k, (a, b) in changed.items()}
+
+
+def record_resume(cfg: Config, changes: dict) -> None:
+    """Log each allowed change, append the resume to <out_dir>/resumes.jsonl ({"step", "time", "changes": {key:
+    [old, new]}}) and rewrite config.yaml with the new values, so the directory says what is being trained."""
+    out = cfg.train.out_dir
+    step = int(_read_name(os.path.join(out, "latest")).rsplit("-", 1)[1])
+    for k, (a, b) in changes.items():
+        print(f"--resume: {k}: {a!r} -> {b!r}", flush=True)
+    _append_jsonl(os.path.join(out, "resumes.jsonl"), {
+        "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "changes": {k: list(v) for k, v in changes.items()}})
+    if changes:
+        resolved = copy.deepcopy(cfg)
+        if resolved.model.path is None:  # as prepare resolves it
+            resolved.model.path, resolved.model.tokenizer = os.path.join(out, "base"), None
+        save_config(resolved, os.path.join(out, "config.yaml"))
+
+
+def _open_run_dir(cfg: Config, resume: bool, overwrite: bool, argv: Sequence[str]) -> RunLock:
+    out = cfg.train.out_dir
+    if resume and not os.path.isfile(os.path.join(out, "latest")):
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint ('latest' file)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    lock = RunLock(out, argv)
+    try:  # the checks first: a refused run changes nothing in the directory
+        changes = check_resume_config(cfg) if resume else None
+        if not resume:
+            clear_for_fresh_run(cfg, overwrite)
+        lock.claim()
+        gone = remove_leftovers(out)
+        if gone:
+            print(f"removed {len(gone)} leftovers of interrupted writes in {out}: {', '.join(gone)}", flush=True)
+        if resume:
+            record_resume(cfg, changes)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def open_run_dir(cfg: Config, resume: bool, overwrite: bool, rank: int, argv: Sequence[str] = ()):
+    """Hold train.out_dir for the run: rank 0 takes the lock (RunLock), removes leftovers, and checks the directory
+    (fresh: clear_for_fresh_run; --resume: check_resume_config + record_resume). Under DDP rank 0's error is
+    broadcast, so every rank raises it instead of waiting at a barrier. The lock is released on leaving."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = _open_run_dir(cfg, resume, overwrite, argv)
+        except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks were told)
+            error = e
+    if dist.is_initialized():
+        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(msg, src=0)
+        if rank != 0 and msg[0] is not None:
+            raise RunDirError(f"rank 0 could not open {cfg.train.out_dir}: {msg[0]}")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # ------------------------------------------------------------------------------------------------ the loop
+def snapshot_update(params: Sequence[torch.Tensor], opt) -> tuple:
+    """(parameter copies, optimizer state copy) taken before opt.step(), for undo_update."""
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def update_is_sane(params: Sequence[torch.Tensor], before: tuple, max_update_rms: Optional[float]) -> bool:
+    """The step left every parameter finite and its update RMS = sqrt(sum_i (p_i - p0_i)^2 / N) over all N
+    trainable elements (float64, so a huge update does not overflow) is at most max_update_rms (None: no bound)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return False
+    if max_update_rms is None:
+        return True
+    sq = sum(float((p.detach().double() - p0.double()).pow(2).sum()) for p, p0 in zip(params, before[0]))
+    n = sum(p.numel() for p in params)
+    return math.isfinite(sq) and math.sqrt(sq / max(1, n)) <= max_update_rms
+
+
+def undo_update(params: Sequence[torch.Tensor], opt, before: tuple) -> None:
+    with torch.no_grad():
+        for p, p0 in zip(params, before[0]):
+            p.copy_(p0)
+    opt.load_state_dict(before[1])
+
+
 def lr_at(step: int, cfg: Config) -> tuple:
     """-> (lr, stage index) for optimizer step `step` (0-based): per stage, linear warmup then cosine decay."""
     t = cfg.train
@@ -1095,9 +1398,11 @@ def masked_step(opt: torch.optim.Optimizer, held: Sequence[tuple]) -> None:
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list, held: Sequence[tuple], finite: bool, clip: float,
-                   world: int) -> bool:
+                   world: int, max_update_rms: Optional[float] = None) -> bool:
     """Clip and apply the step's gradients, the held slices excluded from the norm and the update (masked_step).
-    A non-finite loss or gradient on any rank skips the update on all -> whether it was applied."""
+    A non-finite loss or gradient on any rank skips the update on all; an update that leaves a parameter
+    non-finite or moves them by more than max_update_rms (update_is_sane) is undone, parameters and optimizer
+    state -> whether the update was applied (a skipped or undone step is a bad step)."""
     for tensor, idx in held:
         if tensor.grad is not None:
             tensor.grad[idx] = 0
@@ -1106,7 +1411,11 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, held: Sequence[tupl
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() > 0:
+        before = snapshot_update(params, opt)
         masked_step(opt, held)
+        if not update_is_sane(params, before, max_update_rms):  # the same on every rank: the same update
+            undo_update(params, opt, before)
+            ok.zero_()
     opt.zero_grad(set_to_none=True)
     return ok.item() > 0
 
@@ -1227,7 +1536,7 @@ def prepare(cfg: Config, rank: int) -> Config:
     d, out = cfg.data, cfg.train.out_dir
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        if d.synthetic and not os.path.isdir(d.dir):
+        if d.synthetic and not (os.path.isdir(d.dir) and os.listdir(d.dir)):  # atomic: present means complete
             data.make_synthetic(d.dir, seed=d.synthetic_seed)
         if cfg.model.path is None and not os.path.isdir(os.path.join(out, "base")):
             write_tiny_base(cfg, os.path.join(out, "base"))
@@ -1240,22 +1549,27 @@ def prepare(cfg: Config, rank: int) -> Config:
 
 
 def main(argv: Sequence[str]) -> None:
-    args = [a for a in argv if a != "--resume"]
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
     if not args or args[0].startswith("--"):
-        raise UsageError("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume] [--debug]")
+        raise UsageError("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume | --overwrite] "
+                         "[--debug]")
     cfg = load_config(args[0], args[1:])
     check_inputs(cfg, args[0] + (" (with overrides)" if args[1:] else ""))
-    resume = "--resume" in argv
+    resume, overwrite = "--resume" in argv, "--overwrite" in argv
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in train.out_dir, --overwrite deletes it: pass one of them")
     t = cfg.train
     rank, world, device = setup_distributed(cfg)
     if t.batch_size % (world * t.grad_accum):
         raise ConfigError(f"train.batch_size {t.batch_size} must divide by world_size * grad_accum = "
                           f"{world} * {t.grad_accum}")
-    if resume and not os.path.isfile(os.path.join(t.out_dir, "latest")):
-        raise FileNotFoundError(f"--resume: {t.out_dir} has no checkpoint ('latest' file)")
-    if not resume and os.path.isfile(os.path.join(t.out_dir, "latest")):
-        raise FileExistsError(f"{t.out_dir} already holds a run; pass --resume to continue it or choose another "
-                              "train.out_dir (nothing was overwritten)")
+    with open_run_dir(cfg, resume, overwrite, rank, argv):  # the lock on out_dir, held until the run ends
+        train_run(cfg, resume, rank, world, device)
+
+
+def train_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.device) -> None:
+    """The run itself, inside open_run_dir: setup (prepare), step-0 dev evaluation, the loop, checkpoints."""
+    t = cfg.train
     cfg = prepare(cfg, rank)
     random.seed(t.seed)
     np.random.seed(t.seed)
@@ -1308,28 +1622,29 @@ def main(argv: Sequence[str]) -> None:
         chunks = [batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum + micro)), tasks)
                   for micro in range(t.grad_accum)]  # the step's batch; grad_accum > 1: GradCache chunks
         finite, logs = forward_backward(model, um, chunks, cfg, group, autocast)
-        ok = optimizer_step(opt, params, held, finite, t.clip, world)
+        ok = optimizer_step(opt, params, held, finite, t.clip, world, t.max_update_rms)
         if ok:
             bad_steps = 0
         else:
             bad_steps += 1
             if bad_steps >= t.max_bad_steps:
-                raise RuntimeError(f"non-finite loss or gradient in {bad_steps} consecutive steps (last: step "
-                                   f"{step + 1}); stopping. The last good checkpoint is in {t.out_dir}")
+                raise NonFiniteError(f"{bad_steps} bad steps in a row (non-finite loss or gradient, or an update "
+                                     f"that was non-finite or above train.max_update_rms; last: step {step + 1}); "
+                                     f"stopping. The last good checkpoint is {last_good_checkpoint(t.out_dir)}")
         step += 1
         if rank == 0:
             record = {"step": step, "lr": lr, "tasks": tasks, "skipped": not ok, **logs}
             _append_jsonl(log_path, record)
             bar.update(1)
             bar.write(f"step {step}/{total_steps} | loss " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (non-finite)" if not ok else ""))
+                      + f" | lr {lr:.2e} | {time.time() - t0:.2f}s" + (" | SKIPPED (bad)" if not ok else ""))
             if step % t.eval_every == 0 or step == total_steps:
                 m = {"step": step, **dev_evaluate(um, dev, cfg)}
                 _append_jsonl(metrics_path, m)
                 if routing_texts:
                     _append_jsonl(routing_path, {"step": step, **routing_snapshot(um, *routing_texts)})
                 bar.write(f"step {step} dev: {json.dumps(m)}")
-        if step % t.save_every == 0 or step == total_steps:
+        if (step % t.save_every == 0 or step == total_steps) and bad_steps == 0:  # never save inside a bad streak
             if rank == 0:
                 save_checkpoint(um, opt, cfg, step, bad_steps)
             if world > 1:
@@ -1339,10 +1654,22 @@ def main(argv: Sequence[str]) -> None:
         dist.destroy_process_group()
 
 
+class NonFiniteError(RuntimeError):
+    """max_bad_steps bad steps in a row: the run stops (the last good checkpoint is named)."""
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """`python train.py ...` through the CLIs' one error path (model.run_cli): an input error is one line naming
-    the file, key or value, exit code 2; `--debug` shows its traceback."""
-    return run_cli("train.py", main, argv)
+    """`python train.py ...` through the CLIs' one error path (model.run_cli): an input error (a bad config or
+    data file, a locked or occupied run directory, a full or read-only disk) is one line naming the file, key or
+    value, exit code 2; a diverged run (NonFiniteError) one line and exit code 1; `--debug` shows tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_cli("train.py", main, argv)
+    except NonFiniteError as e:
+        if "--debug" in argv:
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

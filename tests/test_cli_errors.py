@@ -174,7 +174,7 @@ CASES = [
     ("train/model-path-missing", "train", ["{cfg}", "--model.path={tmp}/nomodel"], {}, None,
      r"model\.path '.*nomodel': not a model directory \(no config\.json\)"),
     ("train/fresh-run-into-existing-run", "train", ["{cfg}"], {}, None,
-     r"already holds a run; pass --resume to continue it .*\(nothing was overwritten\)"),
+     r"already holds a run; pass --resume to continue it, --overwrite to delete it, .*\(nothing was changed; found: "),
     ("train/resume-without-checkpoint", "train", ["{cfg}", "--resume", "--train.out_dir={tmp}/none"], {}, None,
      r"--resume: .*none has no checkpoint"),
     ("train/malformed-training-line", "train",

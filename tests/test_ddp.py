@@ -163,3 +163,24 @@ def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task,
     # The logged InfoNCE is the global batch's mean on both (rank 0 logs it; the DDP scaling is divided out).
     logs = [[json.loads(x) for x in open(os.path.join(d, "train_log.jsonl"))] for d in (ddp_dir, one_dir)]
     assert [r["emb"] for r in logs[0]] == pytest.approx([r["emb"] for r in logs[1]], abs=1e-5)
+
+
+def test_a_locked_run_dir_stops_every_rank_with_one_error_line_instead_of_hanging(task, tmp_path):
+    # Only rank 0 takes the run lock; its error is broadcast, so rank 1 does not wait forever at the setup barrier.
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, out)
+    held = train.RunLock(out, ["another run"])  # the holder: this test process
+    held.claim()
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", os.path.join(tiny_setup.REPO, "train.py"), cfg_path]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=tiny_setup.SUBPROCESS_ENV)
+    finally:
+        held.release()
+    assert res.returncode != 0
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "train.py: error: " in ln]
+    assert len(errors) == 2, res.stderr[-3000:]
+    assert any(f"{out}: in use by another run (pid {os.getpid()} on" in ln for ln in errors)  # rank 0
+    assert any(f"rank 0 could not open {out}: RunDirError: {out}: in use" in ln for ln in errors)  # rank 1
+    assert not os.path.exists(os.path.join(out, "latest"))

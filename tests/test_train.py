@@ -170,11 +170,14 @@ def test_a_run_killed_mid_checkpoint_and_resumed_ends_identical_to_an_uninterrup
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 3
     assert len(glob.glob(os.path.join(out, ".tmp-ckpt-*"))) == 1
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4, 5, 6]
+    # The lock file still names the killed run, but the OS released its flock with the process: no stale lock.
+    assert json.loads(open(os.path.join(out, train.LOCK_FILE)).read())["pid"] == proc.pid
 
     res = subprocess.run([sys.executable, os.path.join(tiny_setup.REPO, "train.py"), cfg_path,
                           f"--train.out_dir={out}", "--resume"], env={**env, "PYTHONHASHSEED": "2"},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert glob.glob(os.path.join(out, ".tmp-*")) == []  # the killed write's leftover was removed at the start
 
     assert latest(out) == latest(uninterrupted) == "checkpoint-000008"
     final, want = train.checkpoint_dir(out), train.checkpoint_dir(uninterrupted)
@@ -198,28 +201,28 @@ def test_a_checkpoint_directory_is_complete_and_named_by_latest(finished_run):
         ["checkpoint-000006", "checkpoint-000008"]
 
 
-def test_a_failure_while_saving_keeps_the_previous_checkpoint_and_a_leftover_temp_dir_does_not_break_resume(
-        task, tmp_path, monkeypatch):
+def test_a_failure_while_saving_keeps_the_previous_checkpoint_and_removes_its_temp_dir(task, tmp_path, monkeypatch):
     cfg_path = write_cfg(tmp_path, task, train={"steps": 6, "save_every": 3, "eval_every": 6})
     out = str(tmp_path / "run")
     torch_save = torch.save
 
     def failing_save(obj, path, *args, **kwargs):  # the disk fills up while checkpoint 6 is written
         if isinstance(obj, dict) and obj.get("step") == 6:
-            raise OSError("No space left on device")
+            raise OSError(28, "No space left on device")
         return torch_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(train.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(train.RunDirError, match=r"\.tmp-ckpt-\w+: writing checkpoint-000006 failed \(.*No space "
+                       r"left on device\); the previous checkpoint \(checkpoint-000003\) is intact") as e:
         train.main([cfg_path])
+    assert "\n" not in str(e.value)
     monkeypatch.undo()
 
     assert latest(out) == "checkpoint-000003"
     um = init_model(out)  # the checkpoint `latest` names loads whole, trainer state included
     assert train.load_trainer_state(train.checkpoint_dir(out), um,
                                     torch.optim.AdamW(train.trainable_parameters(um))) == (3, 0)
-    leftovers = glob.glob(os.path.join(out, ".tmp-ckpt-*"))
-    assert len(leftovers) == 1 and not os.path.exists(os.path.join(leftovers[0], "trainer_state.pt"))
+    assert glob.glob(os.path.join(out, ".tmp-*")) == []  # the failed write took its temporary directory along
 
     train.main([cfg_path, "--resume"])
     assert latest(out) == "checkpoint-000006"
@@ -248,11 +251,13 @@ def test_resume_without_a_checkpoint_is_one_clear_error(task, tmp_path):
 
 def test_a_fresh_run_into_an_existing_run_dir_is_one_clear_error(finished_run):
     cfg_path, out, _ = finished_run
-    before = {p: read(p) for p in glob.glob(os.path.join(out, "**"), recursive=True) if os.path.isfile(p)}
+    # run.lock included: the refused run held the lock while it looked, but writes its name only once accepted
+    files = lambda: {p: read(p) for p in glob.glob(os.path.join(out, "**"), recursive=True)  # noqa: E731
+                     if os.path.isfile(p)}
+    before = files()
     with pytest.raises(FileExistsError, match=r"already holds a run; pass --resume"):
         train.main([cfg_path])
-    after = {p: read(p) for p in glob.glob(os.path.join(out, "**"), recursive=True) if os.path.isfile(p)}
-    assert after == before  # nothing was overwritten
+    assert files() == before  # nothing was overwritten
 
 
 def test_an_unknown_key_in_the_yaml_is_one_config_error_naming_it(task, tmp_path):
@@ -324,25 +329,51 @@ def nan_loss_at(monkeypatch, bad_steps: set) -> None:
 def test_a_non_finite_step_is_skipped_without_touching_parameters_or_optimizer(task, tmp_path, monkeypatch):
     # Steps 2 and 4 are NaN; max_bad_steps 2 is not reached because step 3 is good in between.
     cfg_path = write_cfg(tmp_path, task, train={"steps": 4, "save_every": 1, "eval_every": 4, "max_bad_steps": 2})
+    optimizers, seen = [], []  # what each step's forward starts from: parameters and AdamW state
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    total_loss = train.total_loss
+
+    def recording_loss(out, cfg, group):
+        opt = optimizers[0]
+        seen.append(([p.detach().clone() for g in opt.param_groups for p in g["params"]],
+                     {f"{i}.{k}": v.clone() for i, st in enumerate(opt.state.values()) for k, v in st.items()}))
+        return total_loss(out, cfg, group)
+
+    monkeypatch.setattr(train.torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(train, "total_loss", recording_loss)
     nan_loss_at(monkeypatch, {2, 4})
     train.main([cfg_path])
     out = str(tmp_path / "run")
     assert [r["skipped"] for r in log_lines(out)] == [False, True, False, True]
-    # checkpoints 3 and 4 are kept: step 4 changed neither the adapters nor AdamW's moments and step count
-    before, after = os.path.join(out, "checkpoint-000003"), os.path.join(out, "checkpoint-000004")
-    assert_same_tensors(adapters(after), adapters(before))
-    assert_same_tensors(optimizer_tensors(after), optimizer_tensors(before))
-    assert torch.load(os.path.join(after, "trainer_state.pt"), weights_only=True)["bad_steps"] == 1
+    # step 3 starts where step 2 started: the skipped step moved neither the adapters nor AdamW's moments and count
+    assert all(torch.equal(a, b) for a, b in zip(seen[2][0], seen[1][0]))
+    assert_same_tensors(seen[2][1], seen[1][1])
+    assert not all(torch.equal(a, b) for a, b in zip(seen[3][0], seen[2][0]))  # (step 3 itself did train)
+    # Before issue 18 checkpoints were also written at the bad steps 2 and 4; a bad step now saves nothing, so the
+    # run ends with `latest` at the last good step 3.
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-000001",
+                                                                                 "checkpoint-000003"]
+    assert latest(out) == "checkpoint-000003"
 
 
-def test_max_bad_steps_non_finite_steps_in_a_row_stop_the_run(task, tmp_path, monkeypatch):
+def test_max_bad_steps_non_finite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(
+        task, tmp_path, monkeypatch):
     cfg_path = write_cfg(tmp_path, task, train={"steps": 10, "save_every": 2, "eval_every": 10, "max_bad_steps": 3})
     nan_loss_at(monkeypatch, set(range(3, 11)))
-    with pytest.raises(RuntimeError, match=r"non-finite loss or gradient in 3 consecutive steps \(last: step 5\)"):
-        train.main([cfg_path])
     out = str(tmp_path / "run")
+    last_good = re.escape(os.path.join(out, "checkpoint-000002"))
+    with pytest.raises(train.NonFiniteError, match=r"^3 bad steps in a row \(non-finite loss or gradient.*last: step "
+                       r"5\); stopping\. The last good checkpoint is " + last_good + "$"):
+        train.main([cfg_path])
     assert [r["skipped"] for r in log_lines(out)] == [False, False, True, True]  # step 5 raised before its log
-    assert latest(out) == "checkpoint-000004"  # saved after 2 bad steps (under the limit): still loadable
+    # Before issue 18 checkpoint 4 was written after 2 bad steps and the message only said "is in <out_dir>".
+    assert latest(out) == "checkpoint-000002"
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-000002"]
     train.load_run(out)
 
 
