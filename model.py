@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from router import finalize_over_layers
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 
 
@@ -368,7 +370,7 @@ class CausalLM(nn.Module):
             if output_hidden_states:
                 layer_hidden.append(x)
         ctx.done = True
-        aux = {name: torch.stack([s.finalize() for s in stats]).mean() for name, stats in ctx.aux.items()}
+        aux = {name: finalize_over_layers(stats) for name, stats in ctx.aux.items()}
         return ModelOutput(self.model.norm(x), layer_hidden, aux, ctx.routing if capture_routing else None,
                            dict(ctx.aux))
 
