@@ -674,6 +674,12 @@ class RetrieverRouter(nn.Module):
         w = one_hot(argmax_i s(e, c_i)),   s = e . c_i ("dot", the reference default) or cos(e, c_i)
     Nothing here trains: `pilots` (E, H) is a buffer (saved with the adapters), set by moe_lora.set_pilot_embeddings.
     The forward reads e from ctx.shared[BASE_EMBEDDING], written by moe_lora's prepass before the blocks run.
+
+    Named deviations (README, router catalogue): task-centroid pilots: the reference groups its training queries by
+    the expert that performs best on each and may hold several pilots per expert, routing to the expert of the
+    nearest pilot (test.py find_expert; the paper's figure averages per expert); ours is one pilot per expert, the
+    centroid of its tasks' inputs (identical rules with one pilot per expert). Every input routed: the reference
+    routes only queries (documents are encoded by the plain base); ours routes queries, documents and pairs alike.
     """
 
     def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig):
