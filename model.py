@@ -290,7 +290,7 @@ class ForwardContext:
 class ModelOutput:
     hidden: torch.Tensor  # (B, T, H) after the final norm
     layer_hidden: Optional[list] = None  # [embeddings, block 1, ..., block L] (B, T, H) each, before the final norm
-    aux: dict = field(default_factory=dict)  # router auxiliary losses of this call, each the mean over layers
+    aux: dict = field(default_factory=dict)  # this call's router aux losses, each over layers (finalize_over_layers)
     routing: Optional[list] = None  # [(layer, weights (B, E) or (B, T, E))] when capture_routing=True
     aux_stats: dict = field(default_factory=dict)  # name -> [router.AuxStat per layer], to finalise over many calls
 

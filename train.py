@@ -665,7 +665,8 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
     and pairs of every GradCache chunk; UniMoER.forward's "aux_calls"). Load balance is N * sum_i f_i P_i with
     f_i (Switch: dispatch fraction, no grad; DynMoLE: mean routed weight, with grad; LD-MoLE: share of all expert
     activations) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022, eq. 4-6); z_loss and
-    entropy are means over the units. DynMoLE's load balance is one loss over layers x units (_over_layers).
+    entropy are means over the units. DynMoLE's load balance is one loss over layers x units, not a mean over layers
+    (router.finalize_over_layers).
       "call":   each call on its own units, then the mean over calls. Every call holds one task, so load balance
                 then asks for balance within each task (the per-forward variant, kept for the ablation).
       "step":   the union of all the step's calls on this rank, both tasks together (Switch's batch). Under DDP
@@ -686,7 +687,6 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
         summed = iter(_sum_over_ranks([st for k in names for st in union[k]]))
         union = {k: [next(summed) for _ in union[k]] for k in names}
     return {k: finalize_over_layers(v) * world for k, v in union.items()}
-
 
 
 def _sum_over_ranks(stats: list) -> list:

@@ -296,6 +296,22 @@ def test_aux_losses_are_returned_by_the_call_as_the_mean_over_layers():
     assert not hasattr(model, "aux") and not hasattr(R, "aux")  # nothing kept in global or module state
 
 
+def test_a_dynmole_calls_load_balance_is_pooled_over_layers_as_its_reference():
+    # mikecovlee/DynMoLE: N * sum_i mean(w_i) mean(p_i) over the concatenated rows of every layer's router.
+    model = attached(MoELoRAConfig(shared="routed", router=RouterConfig(fn="dynmole", granularity="token")))
+    ids, mask, tasks = batch()
+    out = model(ids, mask, task_ids=tasks, output_hidden_states=True)
+    ctx = type("Ctx", (), dict(attention_mask=mask, task_ids=tasks, shared={}))()
+    ws, ps = [], []
+    for i, blk in enumerate(model.model.layers):
+        r = blk.adapter_hook.router
+        w, _ = r(out.layer_hidden[i], ctx)
+        ws.append(w[mask.bool()])
+        ps.append(torch.softmax(r.scores(r.features(out.layer_hidden[i], ctx)), -1)[mask.bool()])
+    rows_w, rows_p = torch.cat(ws), torch.cat(ps)  # (layers * real tokens, E)
+    torch.testing.assert_close(out.aux["load_balance"], 3 * (rows_w.mean(0) * rows_p.mean(0)).sum())
+
+
 def test_gradient_checkpointing_neither_double_counts_aux_nor_breaks_backward():
     for router in (RouterConfig(), RouterConfig(per_layer=False, granularity="token", fn="entmax15")):
         model = attached(MoELoRAConfig(router=router))
