@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from router import finalize_over_layers
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 
 
@@ -288,7 +290,7 @@ class ForwardContext:
 class ModelOutput:
     hidden: torch.Tensor  # (B, T, H) after the final norm
     layer_hidden: Optional[list] = None  # [embeddings, block 1, ..., block L] (B, T, H) each, before the final norm
-    aux: dict = field(default_factory=dict)  # router auxiliary losses of this call, each the mean over layers
+    aux: dict = field(default_factory=dict)  # this call's router aux losses, each over layers (finalize_over_layers)
     routing: Optional[list] = None  # [(layer, weights (B, E) or (B, T, E))] when capture_routing=True
     aux_stats: dict = field(default_factory=dict)  # name -> [router.AuxStat per layer], to finalise over many calls
 
@@ -368,7 +370,7 @@ class CausalLM(nn.Module):
             if output_hidden_states:
                 layer_hidden.append(x)
         ctx.done = True
-        aux = {name: torch.stack([s.finalize() for s in stats]).mean() for name, stats in ctx.aux.items()}
+        aux = {name: finalize_over_layers(stats) for name, stats in ctx.aux.items()}
         return ModelOutput(self.model.norm(x), layer_hidden, aux, ctx.routing if capture_routing else None,
                            dict(ctx.aux))
 

@@ -15,7 +15,8 @@ stays float64, which is what gradcheck needs). Names and references:
                               are NOT renormalised (mikecovlee/DynMoLE, _dynamic_routing)
 
 Auxiliary losses (each a scalar, padding excluded by an optional mask), by their names in AUX_LOSSES:
-    load_balance      Switch N * sum_i f_i P_i; for fn dynmole DynMoLE's own f (mean of the kept weights)
+    load_balance      Switch N * sum_i f_i P_i; for fn dynmole DynMoLE's own f (mean of the kept weights, pooled
+                      over layers); for LD-MoLE its own f (share of all expert activations)
     z_loss            ST-MoE mean logsumexp^2
     entropy           mean Shannon entropy of the routing distribution
     tsallis           DynMoLE's mean normalised Tsallis entropy (q = router.tsallis_q) of the routing distribution
@@ -181,11 +182,13 @@ def entmax_bisect(z: torch.Tensor, alpha: float = 1.5, n_iter: int = 50) -> torc
     return _EntmaxBisect.apply(_up(z), float(alpha), int(n_iter))
 
 
-def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True, eps: float = 0.0) -> torch.Tensor:
+def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True,
+                    eps: float = DYNMOLE_EPS) -> torch.Tensor:
     """S_q(p) = (1 - sum (p + eps)^q) / (q - 1) on the last dim; normalize divides by its maximum
     (1 - n^(1 - q)) / (q - 1) (the uniform p, eps 0), to about [0, 1].
 
-    eps: DynMoLE evaluates it on p + eps with eps = DYNMOLE_EPS (moe_peft/common/moe_utils.py, tsallis_entropy).
+    eps: by default DYNMOLE_EPS, as DynMoLE evaluates it on p + eps (moe_peft/common/moe_utils.py, tsallis_entropy);
+    eps = 0 gives the plain S_q.
     """
     s = (1 - (p + eps).pow(q).sum(-1)) / (q - 1)
     if normalize:
@@ -232,25 +235,43 @@ class AuxStat:
     Load balance: `total` = (E,) sum over the units of the router probabilities (with grad) and `dispatch` = (E,) sum
     of the units' dispatch fractions (no grad; DynMoLE's f is the kept weights and carries grad, as its reference).
     `count` = number of units. Stats of disjoint unit sets add up (+), and finalize() turns the sum into the loss
-    over their union: a mean, or N * sum_i f_i P_i.
+    over their union: a mean, or N * sum_i f_i P_i with f_i = dispatch_i / count (per-unit fractions), or
+    f_i = dispatch_i / sum_j dispatch_j when f_over_activations (dispatch = activation counts: LD-MoLE).
+    pool_layers: the trainer sums the layers' stats and finalises once over layers x units (DynMoLE's loss over the
+    concatenated router logits of all layers) instead of averaging the per-layer losses (train.aux_losses).
     """
     total: torch.Tensor
     count: torch.Tensor
     dispatch: Optional[torch.Tensor] = None
     dispatch_grad: bool = False  # f is differentiable (DynMoLE): GradCache and the DDP sum must keep its gradient
+    pool_layers: bool = False  # one loss over all layers' units (DynMoLE), not the mean of per-layer losses
+    f_over_activations: bool = False  # f_i = dispatch_i / sum_j dispatch_j (LD-MoLE), not dispatch_i / count
 
     def __add__(self, other: "AuxStat") -> "AuxStat":
         if (self.dispatch is None) != (other.dispatch is None):
             raise ValueError("AuxStat: cannot add a load-balance stat to a mean-type stat")
+        if self.f_over_activations != other.f_over_activations:
+            raise ValueError("AuxStat: cannot add load-balance stats with different f normalisations")
         return AuxStat(self.total + other.total, self.count + other.count,
                        None if self.dispatch is None else self.dispatch + other.dispatch,
-                       self.dispatch_grad or other.dispatch_grad)
+                       self.dispatch_grad or other.dispatch_grad, self.pool_layers or other.pool_layers,
+                       self.f_over_activations)
 
     def finalize(self) -> torch.Tensor:
         n = self.count.clamp(min=1)
         if self.dispatch is None:
             return self.total / n
-        return self.total.shape[-1] * ((self.dispatch / n) * (self.total / n)).sum()
+        f_norm = self.dispatch.sum().clamp(min=1) if self.f_over_activations else n
+        return self.total.shape[-1] * ((self.dispatch / f_norm) * (self.total / n)).sum()
+
+
+def finalize_over_layers(stats: list) -> torch.Tensor:
+    """One aux loss from its per-layer AuxStats: the mean of the per-layer losses, or, where the stat says pool_layers
+    (DynMoLE's load balance: the reference concatenates all layers' router logits, mikecovlee/DynMoLE
+    moe_peft/model.py unpack_router_logits), the loss of the layers' summed stats, over layers x units at once."""
+    if stats[0].pool_layers:
+        return sum(stats[1:], stats[0]).finalize()
+    return torch.stack([st.finalize() for st in stats]).mean()
 
 
 def _unit_sum(x: torch.Tensor, mask: Optional[torch.Tensor], event_dims: int) -> tuple:
@@ -290,11 +311,27 @@ def dynmole_load_balance_stat(probs: torch.Tensor, weights: torch.Tensor,
                               mask: Optional[torch.Tensor] = None) -> AuxStat:
     """AuxStat of DynMoLE's load balance N * sum_i f_i P_i (mikecovlee/DynMoLE, _dynamic_load_balancing_loss_func):
     f_i = mean over the units of the routed weights w_i = p_i * keep_i (not a dispatch count, and with grad, as the
-    reference does not detach it), P_i = mean of the softmax probabilities p_i; padding excluded by mask."""
+    reference does not detach it), P_i = mean of the softmax probabilities p_i; padding excluded by mask.
+    Pooled over layers (pool_layers): the reference concatenates every layer's router logits (moe_peft/model.py,
+    unpack_router_logits) and takes f and P once over layers x tokens, so train.aux_losses sums the layers' stats."""
     probs, weights = _up(probs), _up(weights)
     f, count = _unit_sum(weights, mask, 1)
     P, _ = _unit_sum(probs, mask, 1)
-    return AuxStat(P, count, f, dispatch_grad=True)
+    return AuxStat(P, count, f, dispatch_grad=True, pool_layers=True)
+
+
+def ldmole_load_balance_stat(weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
+    """AuxStat of LD-MoLE's load balance N * sum_i f_i P_i (eshentw/LD-MoLE loss/loss.py, LoadBalancingLoss._forward):
+
+        f_i = sum_t 1[w_ti > 0] / sum_t k_t   (k_t = number of experts unit t activates: a share of all activations)
+        P_i = sum_t w_ti / T                  (mean sparsegen weight)
+    over the non-pad units t of weights (..., N), f without grad (the reference counts with sign()). Unlike Switch's
+    per-unit split (1/k_t to each chosen expert), a unit that activates more experts counts more. Per layer, then
+    averaged over layers, as the reference (LoadBalancingLoss.forward)."""
+    weights = _up(weights)
+    c, count = _unit_sum((weights > 0).to(weights.dtype), mask, 1)
+    P, _ = _unit_sum(weights, mask, 1)
+    return AuxStat(P, count, c, f_over_activations=True)
 
 
 def tsallis_stat(probs: torch.Tensor, q: float = 1.1, mask: Optional[torch.Tensor] = None) -> AuxStat:
@@ -379,7 +416,9 @@ class RouterConfig:
     alpha: float = 1.5  # entmax_bisect
     lam: float = 0.0  # sparsegen: fixed lambda (< 1) when lambda_predictor is off
     lambda_predictor: bool = False  # sparsegen: LD-MoLE's lambda = f(x), a small MLP, lambda < 1
-    lambda_hidden: int = 64  # the reference UniversalMLP's default hidden width
+    # LD-MoLE lambda-MLP width: 64 is UniversalMLP's code default; the reference's model configs set hidden_sizes 128
+    # for Qwen3-0.6B / Llama-3.2-1B, 256 for 1.7B / 3B, 512 for Llama-3.1-8B (conf/model/*.yaml; its run.sh passes 512)
+    lambda_hidden: int = 64
     lambda_shared: bool = True  # one lambda predictor for all layers (LD-MoLE's GlobalSparsegen) | False: per layer
     sparsity_k: int = 2  # lambda_sparsity aux loss: at most this many experts (reference lambda_interval_k, k = 2)
     top_p: float = 0.75  # dynmole
@@ -442,6 +481,9 @@ class RouterConfig:
             bad("lam", "must be < 1")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        if self.entropy_threshold <= 0:
+            bad("entropy_threshold", "must be > 0 (the normalised Tsallis entropy lies in about [0, 1]: at 0 or "
+                                     "below nearly every unit would take all experts)")
         if self.tsallis_q <= 0 or self.tsallis_q == 1:
             bad("tsallis_q", "must be > 0 and != 1")
         if self.temperature <= 0:
@@ -605,6 +647,8 @@ class LearnedRouter(nn.Module):
         if "load_balance" in want:
             if cfg.fn == "dynmole":
                 aux["load_balance"] = dynmole_load_balance_stat(probs, w, mask)
+            elif lam is not None:  # LD-MoLE (sparsegen with the lambda predictor)
+                aux["load_balance"] = ldmole_load_balance_stat(w, mask)
             else:
                 aux["load_balance"] = load_balance_stat(probs, mask, None if cfg.fn == "softmax" else (w > 0))
         if "z_loss" in want:
@@ -630,6 +674,12 @@ class RetrieverRouter(nn.Module):
         w = one_hot(argmax_i s(e, c_i)),   s = e . c_i ("dot", the reference default) or cos(e, c_i)
     Nothing here trains: `pilots` (E, H) is a buffer (saved with the adapters), set by moe_lora.set_pilot_embeddings.
     The forward reads e from ctx.shared[BASE_EMBEDDING], written by moe_lora's prepass before the blocks run.
+
+    Named deviations (README, router catalogue): task-centroid pilots: the reference groups its training queries by
+    the expert that performs best on each and may hold several pilots per expert, routing to the expert of the
+    nearest pilot (test.py find_expert; the paper's figure averages per expert); ours is one pilot per expert, the
+    centroid of its tasks' inputs (identical rules with one pilot per expert). Every input routed: the reference
+    routes only queries (documents are encoded by the plain base); ours routes queries, documents and pairs alike.
     """
 
     def __init__(self, hidden_size: int, n_experts: int, cfg: RouterConfig):

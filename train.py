@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import fnmatch
 import json
@@ -50,7 +51,7 @@ import evaluate
 import moe_lora
 from model import CausalLM, ModelConfig, last_token_positions, load_pretrained, load_tokenizer
 from model import UsageError, run_cli
-from router import AUX_LOSSES, LearnedRouter, RetrieverRouter, RouterConfig
+from router import AUX_LOSSES, LearnedRouter, RetrieverRouter, RouterConfig, finalize_over_layers
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
 MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")
@@ -674,8 +675,10 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
 
     calls: [{name: [router.AuxStat per layer]}] of every base call of the step on this rank (queries, documents
     and pairs of every GradCache chunk; UniMoER.forward's "aux_calls"). Load balance is N * sum_i f_i P_i with
-    f_i (dispatch fraction, no grad) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022,
-    eq. 4-6); z_loss and entropy are means over the units.
+    f_i (Switch: dispatch fraction, no grad; DynMoLE: mean routed weight, with grad; LD-MoLE: share of all expert
+    activations) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022, eq. 4-6); z_loss and
+    entropy are means over the units. DynMoLE's load balance is one loss over layers x units, not a mean over layers
+    (router.finalize_over_layers).
       "call":   each call on its own units, then the mean over calls. Every call holds one task, so load balance
                 then asks for balance within each task (the per-forward variant, kept for the ablation).
       "step":   the union of all the step's calls on this rank, both tasks together (Switch's batch). Under DDP
@@ -689,14 +692,13 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
     names = sorted({k for c in calls for k in c})  # a fixed order: a set's follows PYTHONHASHSEED (per process)
     per_call = {k: [c[k] for c in calls if k in c] for k in names}  # name -> [[AuxStat per layer] per call]
     if scope == "call":
-        return {k: torch.stack([torch.stack([st.finalize() for st in layers]).mean() for layers in v]).mean()
-                for k, v in per_call.items()}
+        return {k: torch.stack([finalize_over_layers(layers) for layers in v]).mean() for k, v in per_call.items()}
     union = {k: [sum(layer[1:], layer[0]) for layer in zip(*v)] for k, v in per_call.items()}  # per layer
     world = loss_world(scope == "global")
     if world > 1:
         summed = iter(_sum_over_ranks([st for k in names for st in union[k]]))
         union = {k: [next(summed) for _ in union[k]] for k in names}
-    return {k: torch.stack([st.finalize() for st in v]).mean() * world for k, v in union.items()}
+    return {k: finalize_over_layers(v) * world for k, v in union.items()}
 
 
 def _sum_over_ranks(stats: list) -> list:
@@ -717,7 +719,7 @@ def _sum_over_ranks(stats: list) -> list:
         if st.dispatch is not None:
             dispatch = flat[i:i + n].view_as(st.dispatch) + (st.dispatch - st.dispatch.detach())
             i += n
-        out.append(type(st)(total, count, dispatch, st.dispatch_grad))
+        out.append(dataclasses.replace(st, total=total, count=count, dispatch=dispatch))
     return out
 
 
@@ -1484,8 +1486,8 @@ def gradcache_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cf
 def _as_leaves(out: dict) -> dict:
     """A no-grad forward output as leaf tensors that require grad (GradCache's cached representations)."""
     leaves = {k: out[k].detach().requires_grad_() for k in ("q", "d", "scores") if k in out}
-    leaves["aux_calls"] = [{name: [type(st)(st.total.detach().requires_grad_(), st.count, _dispatch_leaf(st, name),
-                                            st.dispatch_grad)
+    leaves["aux_calls"] = [{name: [dataclasses.replace(st, total=st.total.detach().requires_grad_(),
+                                                       dispatch=_dispatch_leaf(st, name))
                                    for st in layers] for name, layers in call.items()} for call in out["aux_calls"]]
     return leaves
 

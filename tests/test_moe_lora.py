@@ -296,6 +296,22 @@ def test_aux_losses_are_returned_by_the_call_as_the_mean_over_layers():
     assert not hasattr(model, "aux") and not hasattr(R, "aux")  # nothing kept in global or module state
 
 
+def test_a_dynmole_calls_load_balance_is_pooled_over_layers_as_its_reference():
+    # mikecovlee/DynMoLE: N * sum_i mean(w_i) mean(p_i) over the concatenated rows of every layer's router.
+    model = attached(MoELoRAConfig(shared="routed", router=RouterConfig(fn="dynmole", granularity="token")))
+    ids, mask, tasks = batch()
+    out = model(ids, mask, task_ids=tasks, output_hidden_states=True)
+    ctx = type("Ctx", (), dict(attention_mask=mask, task_ids=tasks, shared={}))()
+    ws, ps = [], []
+    for i, blk in enumerate(model.model.layers):
+        r = blk.adapter_hook.router
+        w, _ = r(out.layer_hidden[i], ctx)
+        ws.append(w[mask.bool()])
+        ps.append(torch.softmax(r.scores(r.features(out.layer_hidden[i], ctx)), -1)[mask.bool()])
+    rows_w, rows_p = torch.cat(ws), torch.cat(ps)  # (layers * real tokens, E)
+    torch.testing.assert_close(out.aux["load_balance"], 3 * (rows_w.mean(0) * rows_p.mean(0)).sum())
+
+
 def test_gradient_checkpointing_neither_double_counts_aux_nor_breaks_backward():
     for router in (RouterConfig(), RouterConfig(per_layer=False, granularity="token", fn="entmax15")):
         model = attached(MoELoRAConfig(router=router))
@@ -580,6 +596,9 @@ def test_a_retriever_run_stores_the_centroids_of_its_tasks_inputs_as_pilots(tmp_
     # rows: embed, rerank, and the shared expert that both tasks list (the centroid of all the inputs)
     expected = torch.stack([embed.mean(0), rerank.mean(0), torch.cat([embed, rerank]).mean(0)])
     torch.testing.assert_close(ML._retriever(um.base).pilots, expected)
+    # 2 inputs per example for each task: that centroid is the midpoint of the other two pilots, so its dot product
+    # is the mean of theirs and never the largest (why the Experiment-2 configs keep the shared expert always on)
+    torch.testing.assert_close(expected[2], (expected[0] + expected[1]) / 2)
 
 
 def test_retriever_without_pilots_is_a_clear_error():
@@ -593,11 +612,11 @@ def test_retriever_without_pilots_is_a_clear_error():
 EXP2 = ["topk", "sparsemax", "entmax15", "dynmole", "ldmole", "retriever"]
 
 
-def exp2_model(name: str):
+def exp2_model(name: str, overrides=()):
     """configs/tiny_exp2_<name>.yaml's experts and router on the tiny test base; learned routers get the same
     projection (seeded, large enough that routing is confident), the retriever pilots from three input groups."""
     import train
-    spec = train.adapter_config(train.load_config(f"configs/tiny_exp2_{name}.yaml"))
+    spec = train.adapter_config(train.load_config(f"configs/tiny_exp2_{name}.yaml", overrides))
     model = ML.attach(tiny_model(), spec)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -617,8 +636,13 @@ def test_each_experiment2_router_config_routes_differently_from_softmax(name):
     ids, mask, tasks = batch()
     ids = torch.cat([ids, three_groups()[0][2][:3]])  # a few inputs the retriever sends to other experts
     mask, tasks = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)]), torch.cat([tasks, tasks])
-    ref = exp2_model("softmax")(ids, mask, task_ids=tasks, capture_routing=True).routing
+    import train
+    cfg = train.load_config(f"configs/tiny_exp2_{name}.yaml")
+    # softmax with the same routed experts (the retriever's shared expert is always on) and granularity
+    like = [f"--adapters.shared={cfg.adapters.shared}", f"--router.granularity={cfg.router.granularity}"]
+    ref = exp2_model("softmax", like)(ids, mask, task_ids=tasks, capture_routing=True).routing
     got = exp2_model(name)(ids, mask, task_ids=tasks, capture_routing=True).routing
-    assert got[0][1].shape == ref[0][1].shape == (6, 3)  # three routed experts: embed, rerank, shared
+    # every expert's weight, config order (embed, rerank, shared; an always-on shared expert at 1), per token or not
+    assert got[0][1].shape == ref[0][1].shape == ((6, 6, 3) if cfg.router.granularity == "token" else (6, 3))
     assert not torch.allclose(got[0][1], ref[0][1], atol=1e-3)
     assert ((got[0][1] == 0) & (ref[0][1] > 0)).any()  # sparse: an expert softmax weighs gets exactly 0

@@ -125,8 +125,8 @@ def test_sparsegen_lin_lambda_controls_sparsity():
 
 
 def test_tsallis_entropy_normalised_to_unit_interval():
-    assert R.tsallis_entropy(torch.full((4,), 0.25)).item() == pytest.approx(1.0)
-    assert R.tsallis_entropy(t(1, 0, 0, 0)).item() == pytest.approx(0.0)
+    assert R.tsallis_entropy(torch.full((4,), 0.25), eps=0).item() == pytest.approx(1.0)
+    assert R.tsallis_entropy(t(1, 0, 0, 0), eps=0).item() == pytest.approx(0.0)
 
 
 def test_dynmole_high_entropy_keeps_all_experts_unrenormalised():
@@ -205,6 +205,34 @@ def test_dynmole_load_balance_f_carries_gradient_like_the_reference():
 
 
 # --------------------------------------------------------------------------------------------- LD-MoLE
+# Three units activating k_t = 2, 1, 3 experts (6 activations; expert counts 3, 2, 1), and a pad unit.
+LD_W = [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]]
+LD_MASK = [1, 1, 1, 0]
+
+
+def test_ldmole_load_balance_f_is_each_experts_share_of_all_activations():
+    # eshentw/LD-MoLE LoadBalancingLoss._forward: f = (3, 2, 1) / 6, P = mean w = (1.7, 0.8, 0.5) / 3 over the real
+    # units, loss = 3 * sum f P = 0.5 * 1.7 + 0.8 / 3 + 0.5 / 6 = 1.2.
+    st = R.ldmole_load_balance_stat(t(*LD_W), t(*LD_MASK))
+    assert st.finalize().item() == pytest.approx(1.2, abs=1e-6)
+    # Switch's per-unit split (1/k_t to each chosen expert) gives f = (11/6, 5/6, 1/3) / 3: 3 * 3.95 / 9 = 1.3167.
+    switch = R.load_balance_stat(t(*LD_W), t(*LD_MASK), t(*LD_W) > 0).finalize().item()
+    assert switch == pytest.approx(3 * (11 / 6 * 1.7 + 5 / 6 * 0.8 + 1 / 3 * 0.5) / 9, abs=1e-6)
+
+
+def test_ldmole_load_balance_stats_of_disjoint_units_add_up_to_the_loss_over_their_union():
+    w, m = t(*LD_W), t(*LD_MASK)  # f's denominator (all activations) is summed too: a DDP / GradCache union is exact
+    halves = R.ldmole_load_balance_stat(w[:1], m[:1]) + R.ldmole_load_balance_stat(w[1:], m[1:])
+    assert halves.finalize().item() == pytest.approx(1.2, abs=1e-6)
+
+
+def test_ldmole_router_uses_its_load_balance_and_fixed_lambda_sparsegen_switchs():
+    x, ctx = torch.randn(2, 3, 8), ctx_for(torch.ones(2, 3))
+    ld = R.LearnedRouter(8, 4, RouterConfig(fn="sparsegen", lambda_predictor=True))(x, ctx)[1]["load_balance"]
+    fixed = R.LearnedRouter(8, 4, RouterConfig(fn="sparsegen", lam=0.5))(x, ctx)[1]["load_balance"]
+    assert ld.f_over_activations and not fixed.f_over_activations
+
+
 def test_lambda_predictor_starts_at_the_reference_init():
     # Reference init ("kaiming"): both weights Kaiming-uniform (a = sqrt 5, bound 1 / sqrt(fan_in)), both biases -2.5.
     torch.manual_seed(0)
@@ -396,3 +424,5 @@ def test_router_config_errors_name_the_field():
         RouterConfig(scorer="similarity")
     with pytest.raises(ValueError, match=r"router\.granularity"):
         RouterConfig(kind="retriever", granularity="token")
+    with pytest.raises(ValueError, match=r"router\.entropy_threshold: must be > 0"):
+        RouterConfig(fn="dynmole", entropy_threshold=0.0)

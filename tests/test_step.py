@@ -80,6 +80,21 @@ def test_aux_losses_are_the_mean_over_layers_of_each_layers_loss_over_the_union(
     assert got.item() == pytest.approx((2 * (5 * 4.9 + 4 * 4.1) / 81 + 1.8) / 2, abs=1e-6)
 
 
+def test_dynmole_load_balance_is_one_loss_pooled_over_layers_and_units():
+    # mikecovlee/DynMoLE concatenates all layers' router logits (unpack_router_logits) and takes f = mean kept weight
+    # and P = mean softmax once over layers x tokens. Layer 0 keeps expert 0 of p = (.8, .2), layer 1 expert 1 of
+    # p = (.2, .8): pooled f = (.4, .4), P = (.5, .5), 2 * (.4 * .5 + .4 * .5) = 0.8; the mean of the per-layer
+    # losses would be 2 * .8 * .8 = 1.28.
+    p = [torch.tensor([[0.8, 0.2]]), torch.tensor([[0.2, 0.8]])]
+    w = [torch.tensor([[0.8, 0.0]]), torch.tensor([[0.0, 0.8]])]
+    calls = [{"load_balance": [router.dynmole_load_balance_stat(pi, wi) for pi, wi in zip(p, w)]}]
+    rows_p, rows_w = torch.cat(p), torch.cat(w)  # the reference's (layers * tokens, E)
+    by_hand = 2 * (rows_w.mean(0) * rows_p.mean(0)).sum().item()
+    assert by_hand == pytest.approx(0.8)
+    for scope in ("call", "step", "global"):
+        assert train.aux_losses(calls, scope)["load_balance"].item() == pytest.approx(0.8, abs=1e-6)
+
+
 def test_the_step_scope_gradient_flows_into_every_calls_probabilities():
     # d/dP_sum_i of N sum_i f_i P_sum_i / n^2 = N f_i / n^2 for every unit of every call: (2 * 5/9 / 9, 2 * 4/9 / 9).
     probs = [torch.tensor([[0.9, 0.1]] * n, requires_grad=True) for n in (1, 4)] + \
