@@ -81,6 +81,7 @@ class DataSection:
     dir: str = "data/synthetic"  # BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
     synthetic: bool = False  # write the built-in synthetic task into dir first if dir does not exist
     synthetic_seed: int = 0
+    synthetic_args: dict = field(default_factory=dict)  # other data.make_synthetic arguments (n_docs, random_negs, ...)
     train_file: Optional[str] = None  # JSONL {"query","pos","neg"} or MS MARCO triples .tsv; default <dir>/train.jsonl
     dev_split: str = "dev"
     dev_queries: int = 200  # first N dev queries (sorted ids) at each dev evaluation; 0 = all
@@ -95,6 +96,9 @@ class DataSection:
     append_eos: bool = True
     embed_instruction: str = data.EMBED_INSTRUCTION
     rerank_instruction: str = data.RERANK_INSTRUCTION
+    # "qwen3": Qwen3-Reranker's system/user/assistant prompt around the pair (RERANK_PREFIX ... RERANK_SUFFIX);
+    # "bare": the pair alone, then EOS, scored there (the tiny default: see README, "The tiny default")
+    rerank_prompt: Literal["qwen3", "bare"] = "qwen3"
 
 
 @dataclass
@@ -338,6 +342,8 @@ class UniMoER(nn.Module):
             nn.init.zeros_(self.head.bias)
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(data.RERANK_PREFIX), ids(data.RERANK_SUFFIX)
+        if cfg.data.rerank_prompt == "bare":
+            self.prefix_ids, self.suffix_ids = [], [tok.eos_id]
 
     # ---- text -> tensors
     def _device(self):
@@ -775,6 +781,20 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
             "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
 
 
+def summary_line(metrics_path: str, out_dir: str, seconds: float) -> str:
+    """One line at the end of a run: where it is, and the first and last dev evaluation (nDCG@10)."""
+    with open(metrics_path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+
+    def figures(m: dict) -> str:
+        recall = next((f"{k} {v:.3f}" for k, v in m.items() if k.startswith("cand_recall@")), "")
+        return (f"retrieval {m['emb_ndcg@10']:.3f}, rerank fixed {m['fixed_ndcg@10']:.3f} (candidates "
+                f"{m['cand_ndcg@10']:.3f}, {recall}), two-stage {m['rerank_ndcg@10']:.3f}")
+
+    return (f"done: {out_dir} in {seconds:.0f} s | dev nDCG@10 step {rows[0]['step']}: {figures(rows[0])} | "
+            f"step {rows[-1]['step']}: {figures(rows[-1])}")
+
+
 def has_learned_router(um: UniMoER) -> bool:
     return any(isinstance(h.router, LearnedRouter) for h in _hooks(um))
 
@@ -913,7 +933,10 @@ def prepare(cfg: Config, rank: int) -> Config:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if d.synthetic and not os.path.isdir(d.dir):
-            data.make_synthetic(d.dir, seed=d.synthetic_seed)
+            try:
+                data.make_synthetic(d.dir, seed=d.synthetic_seed, **d.synthetic_args)
+            except TypeError as e:
+                raise ConfigError(f"data.synthetic_args: {e}") from None
         if cfg.model.path is None and not os.path.isdir(os.path.join(out, "base")):
             if cfg.model.tiny.pretrain_steps > 0:  # pretrained once per (data, tiny config), then copied
                 cache = tiny_base_cache_dir(cfg)
@@ -934,6 +957,7 @@ def main(argv: Sequence[str]) -> None:
     args = [a for a in argv if a != "--resume"]
     if not args or args[0].startswith("--"):
         sys.exit("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume]")
+    t_start = time.time()
     cfg = load_config(args[0], args[1:])
     resume = "--resume" in argv
     t = cfg.train
@@ -1044,6 +1068,8 @@ def main(argv: Sequence[str]) -> None:
             if world > 1:
                 dist.barrier()
     bar.close()
+    if rank == 0:
+        print(summary_line(metrics_path, t.out_dir, time.time() - t_start), flush=True)
     if world > 1:
         dist.destroy_process_group()
 

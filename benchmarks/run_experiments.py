@@ -10,8 +10,8 @@
 Experiment 1 (interference): the seven modes of configs/tiny_<mode>.yaml.
 Experiment 2 (routers): joint_moe with each routing function (router.fn), next to the emb_only / rank_only
 specialists; analysis.py groups runs by (mode, seed), so each router gets its own report against the specialists.
-Experiment 3 (transfer): joint_moe with experts frozen (configs/tiny_transfer_*.yaml), each reported against the
-specialists the same way.
+Experiment 3 (transfer): joint_moe trained one task after the other, the first task's and the shared experts
+frozen for the second (configs/tiny_transfer_*.yaml), each reported against the specialists the same way.
 
 Runs go to <out>/exp<N>/<name>_s<seed>; a run directory that already holds a checkpoint is continued with
 --resume (a finished run then only re-reads its state), so an interrupted grid is restarted by the same command.
@@ -41,12 +41,17 @@ ROUTERS = {
 }
 # Experiment 3: name -> config file under configs/.
 TRANSFER = {
-    "freeze_shared": "tiny_transfer_freeze_shared.yaml",
     "embed_then_rerank": "tiny_transfer_embed_then_rerank.yaml",
+    "rerank_then_embed": "tiny_transfer_rerank_then_embed.yaml",
 }
 SMOKE = ["--train.steps=2", "--train.warmup_steps=1", "--train.eval_every=2", "--train.save_every=2",
          "--data.dev_queries=8"]
-SMOKE_STAGES = ["--train.stages=[{steps: 1, tasks: embed}, {steps: 1, tasks: rerank, freeze_experts: [embed]}]"]
+
+def smoke_stages(name: str) -> list:
+    """Two 1-step stages in the variant's order and with its frozen experts (the smoke version of its stages)."""
+    first, second, frozen = ("embed", "rerank", "[embed, shared]") if "embed_then" in name else \
+        ("rerank", "embed", "[rerank, shared]")
+    return [f"--train.stages=[{{steps: 1, tasks: {first}}}, {{steps: 1, tasks: {second}, freeze_experts: {frozen}}}]"]
 
 
 def runs_for(exp: int) -> list:
@@ -100,7 +105,7 @@ def main(argv=None) -> None:
             run_dirs.setdefault(name, []).append(out_dir)
             cmd = [py, "train.py", config, f"--train.seed={seed}", f"--train.out_dir={out_dir}"] + overrides
             if a.smoke:
-                cmd += SMOKE + (SMOKE_STAGES if "embed_then_rerank" in name else [])
+                cmd += SMOKE + (smoke_stages(name) if "_then_" in name else [])
             if os.path.isfile(os.path.join(REPO, out_dir, "latest")) or os.path.isfile(os.path.join(out_dir, "latest")):
                 cmd.append("--resume")
             run(cmd, a.dry_run, env)

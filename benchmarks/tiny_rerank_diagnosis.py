@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--params", choices=["lora", "full"], default="lora")
     p.add_argument("--head", choices=["yesno", "linear"], default="yesno")
     p.add_argument("--loss", choices=["group", "bce"], default="group")
-    p.add_argument("--negs", choices=["hard", "random"], default="hard")
+    p.add_argument("--negs", choices=["hard", "random", "mixed"], default="hard",
+                   help="mixed: the first n_neg - 1 hard negatives and one random document")
     p.add_argument("--template", choices=["full", "none"], default="full",
                    help="none: the pair is `query EOS document EOS` without the Qwen3-Reranker prompt (52 tokens)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -76,11 +77,12 @@ def main(argv=None) -> None:
         um.prefix_ids, um.suffix_ids = [], [um.tok.eos_id]
         um.cfg.data.rerank_instruction = ""
     examples = train.train_examples(cfg)
-    if args.negs == "random":
+    if args.negs != "hard":
         corpus = [data.doc_text(d) for d in data.load_corpus(cfg.data.dir).values()]
         rng = random.Random(args.seed)
-        examples = [{**ex, "neg": [d for d in rng.sample(corpus, n_neg + 1) if d not in ex["pos"]][:n_neg]}
-                    for ex in examples]
+        n_rand = n_neg if args.negs == "random" else 1
+        examples = [{**ex, "neg": ex["neg"][:n_neg - n_rand] + [d for d in rng.sample(corpus, n_rand + 1)
+                                                               if d not in ex["pos"]][:n_rand]} for ex in examples]
     fit, held = examples[:-args.holdout], examples[-args.holdout:]
     sampler = data.TrainSampler(fit, args.batch, n_neg, args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
