@@ -60,7 +60,7 @@ def test_tiny_base_reads_no_queries_qrels_or_training_file(corpus_only, tmp_path
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
     train.write_tiny_base(tiny_cfg(tmp_path, corpus_only, **PRETRAIN), str(tmp_path / "base"))
     read = {os.path.basename(f) for f in opened if f.startswith(corpus_only)}
-    assert read == {"corpus.jsonl", "tokenizer_config.json"}  # tokenizer.json is opened by `tokenizers` itself
+    assert read == {"corpus.jsonl", "tokenizer.json", "tokenizer_config.json"}  # tokenizer files: copied into the base
 
 
 def test_pretrain_sequence_is_documents_then_the_first_again():
