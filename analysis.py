@@ -665,7 +665,9 @@ def _plot_geometry(plt, geo: dict, labels: list, cka_path: str, spectra_path: st
     for ax, lab in zip(axes.flat, labels):
         lin = geo["experts"][lab]["linears"]
         for e in next(iter(lin.values()))["singular_values"]:
-            ax.semilogy(np.mean([v["singular_values"][e] for v in lin.values()], axis=0), "o-", ms=3, label=e)
+            svs = [v["singular_values"][e] for v in lin.values()]  # fewer than r where a linear is narrower
+            n = min(len(x) for x in svs)
+            ax.semilogy(np.mean([x[:n] for x in svs], axis=0), "o-", ms=3, label=e)
         ax.set_title(f"{lab}: singular values of s B A", fontsize=8)
         ax.set_xlabel("index (mean over linears)", fontsize=8)
         ax.legend(fontsize=7)

@@ -449,7 +449,8 @@ def _fsync_dir(path: str) -> None:
 # relevant: they are exactly the lexical traps, and rewarding them would reward overlap). Dev and test targets
 # are documents never used as a training positive. train.jsonl negatives, hardest first: half (rounded up)
 # lexical traps, then documents sharing one query concept in another form, topped up from the other tier and
-# then from random documents. lexicon.json lists each concept's forms (for oracle checks and reading).
+# then from random documents; with random_negs = m the last m are random documents sharing no query concept
+# (easy negatives next to the hard ones, as in-batch negatives are for a bi-encoder). lexicon.json lists each concept's forms (for oracle checks and reading).
 # Defaults: 150 concepts x 2 forms (3 forms also works but a bag-of-words probe learns it about half as fast),
 # 3 concepts per document. vocab_size is an upper bound: BPE stops once every word is one token (~1230).
 DOC_FILLER = ("the a report notes that this record shows our team saw some new old data from near every with "
@@ -500,7 +501,7 @@ def _train_tokenizer(texts: list, vocab_size: int):
 def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int = 2000, n_dev: int = 200,
                    n_test: int = 200, n_concepts: int = 150, n_forms: int = 2, concepts_per_doc: int = 3,
                    same_form: int = 0, shared_stems: bool = True,
-                   n_neg: int = 8, vocab_size: int = 1536) -> dict:
+                   n_neg: int = 8, random_negs: int = 0, vocab_size: int = 1536) -> dict:
     """Write the synthetic task (design above) to out_dir; same arguments -> byte-identical files.
 
     out_dir appears only complete (build_dir_atomically): a kill leaves at most a temporary sibling, removed by
@@ -511,6 +512,8 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     """
     n_eval = n_dev + n_test
     pairs_per_doc = concepts_per_doc * (concepts_per_doc - 1) // 2
+    if not 0 <= random_negs <= n_neg:
+        raise ValueError(f"need 0 <= random_negs <= n_neg, got {random_negs}, {n_neg}")
     if n_forms < 2 or concepts_per_doc < 2:
         raise ValueError("need n_forms >= 2 (queries use another form) and concepts_per_doc >= 2")
     if n_docs * pairs_per_doc > 0.6 * n_concepts * (n_concepts - 1) / 2:
@@ -579,12 +582,18 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
             shared = sorted({e for c in pair for e, _ in with_concept[c]} - set(traps) - {d})
             rng.shuffle(traps)
             rng.shuffle(shared)
-            k = min(len(traps), math.ceil(n_neg / 2))
-            negs = traps[:k] + shared[: n_neg - k]
-            negs += traps[k:k + n_neg - len(negs)]
-            while len(negs) < n_neg:
+            n_hard = n_neg - random_negs
+            k = min(len(traps), math.ceil(n_hard / 2))
+            negs = traps[:k] + shared[: n_hard - k]
+            negs += traps[k:k + n_hard - len(negs)]
+            while len(negs) < n_hard:
                 e = rng.randrange(n_docs)
                 if e != d and e not in negs:
+                    negs.append(e)
+            related = set(traps) | set(shared)
+            while len(negs) < n_neg:  # random_negs documents that share no concept with the query
+                e = rng.randrange(n_docs)
+                if e != d and e not in negs and e not in related:
                     negs.append(e)
             train_lines.append({"query": queries[-1], "pos": [doc_texts[d]], "neg": [doc_texts[e] for e in negs]})
 

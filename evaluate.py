@@ -589,6 +589,37 @@ def two_stage(encoder, queries: Mapping[str, str], corpus_texts: Mapping[str, st
     return first, second
 
 
+def bm25_run(queries: Mapping[str, Sequence], corpus: Mapping[str, Sequence], k: int = 100, k1: float = 0.9,
+             b: float = 0.4) -> dict:
+    """BM25 (Robertson et al.; Lucene's idf = ln(1 + (N - df + 0.5) / (df + 0.5)), Anserini's k1 0.9, b 0.4) over
+    given token sequences, e.g. subword ids: queries {qid: tokens}, corpus {doc_id: tokens} -> run of the top k.
+    score(q, d) = sum over distinct t in q of idf(t) * tf(t, d) (k1 + 1) / (tf(t, d) + k1 (1 - b + b |d| / avgdl))."""
+    from collections import Counter
+
+    doc_ids = list(corpus)
+    tfs = [Counter(corpus[d]) for d in doc_ids]
+    lens = np.array([len(corpus[d]) for d in doc_ids], dtype=np.float64)
+    norm = k1 * (1 - b + b * lens / max(lens.mean(), 1e-9))  # (N,)
+    postings = {}
+    for j, tf in enumerate(tfs):
+        for t, c in tf.items():
+            postings.setdefault(t, []).append((j, c))
+    n = len(doc_ids)
+    run = {}
+    for qid, q in queries.items():
+        scores = np.zeros(n)
+        for t in set(q):
+            plist = postings.get(t, [])
+            if not plist:
+                continue
+            idf = math.log(1 + (n - len(plist) + 0.5) / (len(plist) + 0.5))
+            js, cs = np.array([p[0] for p in plist]), np.array([p[1] for p in plist], dtype=np.float64)
+            scores[js] += idf * cs * (k1 + 1) / (cs + norm[js])
+        top = np.argsort(-scores, kind="stable")[:k]
+        run[qid] = {doc_ids[j]: float(scores[j]) for j in top}
+    return run
+
+
 # ============================================================================================= checkpoints
 # Everything below evaluates a model. It imports torch, train and model inside the functions: train.py imports
 # this module, and the metrics above stay usable without torch.

@@ -93,6 +93,12 @@ class TinyBase:
     intermediate_size: int = 384
     init_std: float = 0.1
     seed: int = 0
+    # Self-supervised causal-LM pretraining of the base on the corpus documents alone (pretrain_tiny_base); 0 = keep
+    # the random base. The result is cached next to the data (tiny_base_cache_dir) and frozen like any base.
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3.0e-3
+    pretrain_batch: int = 32
+    pretrain_docs: int = 2  # documents per pretraining sequence before the recurrence of the first one
 
     def validate(self, where: str, key: str = "model.tiny") -> None:
         _check_min(where, self, key, ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -126,6 +132,7 @@ class DataSection:
     dir: str = "data/synthetic"  # BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
     synthetic: bool = False  # write the built-in synthetic task into dir first if dir does not exist
     synthetic_seed: int = 0
+    synthetic_args: dict = field(default_factory=dict)  # other data.make_synthetic arguments (n_docs, random_negs, ...)
     train_file: Optional[str] = None  # JSONL {"query","pos","neg"} or MS MARCO triples .tsv; default <dir>/train.jsonl
     dev_split: str = "dev"
     dev_queries: int = 200  # first N dev queries (sorted ids) at each dev evaluation; 0 = all
@@ -140,6 +147,9 @@ class DataSection:
     append_eos: bool = True
     embed_instruction: str = data.EMBED_INSTRUCTION
     rerank_instruction: str = data.RERANK_INSTRUCTION
+    # "qwen3": Qwen3-Reranker's system/user/assistant prompt around the pair (RERANK_PREFIX ... RERANK_SUFFIX);
+    # "bare": the pair alone, then EOS, scored there (the tiny default: see README, "The tiny default")
+    rerank_prompt: Literal["qwen3", "bare"] = "qwen3"
 
     def validate(self, where: str, key: str = "data") -> None:
         """Ranges here; max_pair_len and max_query_len against the templates need the tokenizer (check_lengths)."""
@@ -533,6 +543,8 @@ class UniMoER(nn.Module):
             nn.init.zeros_(self.head.bias)
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(data.RERANK_PREFIX), ids(data.RERANK_SUFFIX)
+        if cfg.data.rerank_prompt == "bare":
+            self.prefix_ids, self.suffix_ids = [], [tok.eos_id]
         check_lengths(cfg, tok, f"tokenizer {tok.source}")
 
     # ---- text -> tensors
@@ -749,8 +761,10 @@ def total_loss(out: dict, cfg: Config, group: int) -> tuple:
 
 # ------------------------------------------------------------------------------------------------ building
 def write_tiny_base(cfg: Config, out: str) -> None:
-    """Write the built-in random base as an HF directory (config.json, model.safetensors, tokenizer files),
-    atomically (data.build_dir_atomically): an existing `out` is kept, a killed write leaves only a temporary."""
+    """Write the built-in tiny base as an HF directory `out` (config.json, model.safetensors, tokenizer files):
+    random weights N(0, init_std^2) from tiny.seed, then, if tiny.pretrain_steps > 0, pretrain_tiny_base on the
+    documents of <data.dir>/corpus.jsonl (the only data file read). Written atomically (data.build_dir_atomically):
+    an existing `out` is kept, a killed write leaves only a temporary, never read."""
     from safetensors.torch import save_file
 
     def write(tmp: str) -> None:
@@ -765,6 +779,12 @@ def write_tiny_base(cfg: Config, out: str) -> None:
         model = CausalLM(ModelConfig.from_hf_dict(hf))
         state = {k: (torch.randn(v.shape, generator=gen) * tiny.init_std if not k.endswith("norm.weight") else v)
                  for k, v in model.state_dict().items()}
+        if tiny.pretrain_steps > 0:
+            model.load_state_dict(state)
+            texts = [data.doc_text(d) for d in data.load_corpus(cfg.data.dir).values()]
+            docs = tok.encode_ids(texts, cfg.data.max_doc_len, add_special_tokens=False)
+            pretrain_tiny_base(model, docs, tok.eos_id, tiny)
+            state = {k: v.detach() for k, v in model.state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
@@ -774,6 +794,76 @@ def write_tiny_base(cfg: Config, out: str) -> None:
                 shutil.copy(os.path.join(src_dir, name), os.path.join(tmp, name))
 
     data.build_dir_atomically(out, write)
+
+
+def pretrain_sequences(docs: Sequence[list], eos: int, n_docs: int, batch: int, seed: int, step: int) -> list:
+    """The token-id sequences of pretraining step `step`, a pure function of (seed, step).
+
+    Each sequence is n_docs random documents and then the first of them again, EOS after each:
+    d_1 EOS d_2 EOS ... d_n EOS d_1 EOS. The recurrence is predictable only by finding d_1's tokens earlier in
+    the context, which is what grows the token-matching (induction) attention a pretrained LM has; nothing else
+    relates the documents of a sequence (no queries, labels or train.jsonl are involved).
+    """
+    rng = np.random.default_rng([seed, step])
+    out = []
+    for _ in range(batch):
+        picked = rng.choice(len(docs), size=n_docs, replace=False)
+        seq = []
+        for j in list(picked) + [picked[0]]:
+            seq += list(docs[j]) + [eos]
+        out.append(seq)
+    return out
+
+
+def pretrain_tiny_base(model: CausalLM, docs: Sequence[list], eos: int, tiny: TinyBase) -> list:
+    """Train every weight of `model` as a causal LM on pretrain_sequences (AdamW, linear warmup over the first
+    10% of steps, then constant; clip 1.0), in place, deterministic given tiny.seed. -> the loss per step."""
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(tiny.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
+    warm = max(1, tiny.pretrain_steps // 10)
+    losses = []
+    model.train()
+    for step in range(tiny.pretrain_steps):
+        for g in opt.param_groups:
+            g["lr"] = tiny.pretrain_lr * min(1.0, (step + 1) / warm)
+        seqs = pretrain_sequences(docs, eos, tiny.pretrain_docs, tiny.pretrain_batch, tiny.seed, step)
+        T = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), T), eos, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+        hidden = model(ids, mask).hidden  # (B, T, H)
+        logits = model.lm_logits(hidden[:, :-1])  # (B, T-1, V): position t predicts token t+1
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    torch.set_rng_state(gen_state)
+    return losses
+
+
+def tiny_base_cache_dir(cfg: Config) -> str:
+    """Where the pretrained tiny base of this data and tiny config is cached: a sibling of data.dir named
+    <data.dir>.tiny-base-<hash>, the hash over model.tiny, data.max_doc_len and the bytes of the files it reads."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([asdict(cfg.model.tiny), cfg.data.max_doc_len], sort_keys=True).encode())
+    tok_src = cfg.model.tokenizer or cfg.data.dir
+    tok_file = os.path.join(tok_src, "tokenizer.json") if os.path.isdir(tok_src) else tok_src
+    for path in (os.path.join(cfg.data.dir, "corpus.jsonl"), tok_file):
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return f"{os.path.normpath(cfg.data.dir)}.tiny-base-{h.hexdigest()[:12]}"
+
+
+def copy_dir_atomically(src: str, dst: str) -> None:
+    """Copy directory src to dst so that dst is whole or absent (data.build_dir_atomically)."""
+    data.build_dir_atomically(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def build_model(cfg: Config, device: torch.device) -> UniMoER:
@@ -987,16 +1077,58 @@ def load_dev(cfg: Config) -> tuple:
     return corpus, {q: queries[q] for q in qids}, {q: qrels[q] for q in qids}
 
 
+DEV_CANDIDATES = "dev_candidates.trec"  # in <out_dir>: the fixed list every dev evaluation of the run reranks
+
+
+def dev_candidates(um: UniMoER, dev: tuple, cfg: Config) -> dict:
+    """The run's fixed dev candidates: subword BM25 (evaluate.bm25_run over the model tokenizer's token ids of
+    the query and document texts), top train.rerank_topk per dev query; also written to <out_dir>/dev_candidates.trec.
+
+    Model-free on purpose: a pure function of the dev texts and the tokenizer, so every dev evaluation of a run
+    (and every mode and seed on the same data) reranks the same list. On the synthetic task whole-word BM25 is ~0
+    by design (the target shares no word with its query) while subword BM25 matches the shared stems, so the list
+    holds the target for almost every query (its recall is reported next to it)."""
+    corpus, queries, _ = dev
+    toks = lambda texts: um.tok.encode_ids(list(texts), 10**9, add_special_tokens=False)  # noqa: E731
+    doc_ids, qids = list(corpus), list(queries)
+    run = evaluate.bm25_run(dict(zip(qids, toks(queries[q] for q in qids))),
+                            dict(zip(doc_ids, toks(corpus[d] for d in doc_ids))), k=cfg.train.rerank_topk)
+    evaluate.write_trec_run(os.path.join(cfg.train.out_dir, DEV_CANDIDATES), run, tag="subword-bm25")
+    return run
+
+
 def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
-    """Retrieval over the dev corpus, then reranking of each query's top train.rerank_topk: nDCG@10 of both.
+    """Each task by itself, and the two together (nDCG@10 on the dev split):
+      emb_*        retrieval over the dev corpus (the embedding path alone);
+      fixed_*      reranking of the fixed candidates (dev_candidates) by the reranking path alone, next to
+      cand_*       the candidates' own order (cand_recall@k: how often the list holds a relevant document);
+      rerank_*     two-stage: the model's own retrieval, its top train.rerank_topk reranked by the model.
     Self-hits are dropped as evaluate.py's default --drop-self auto decides (evaluate.resolve_drop_self)."""
     corpus, queries, qrels = dev
-    first, second = evaluate.two_stage(um, queries, corpus, k_retrieve=max(100, cfg.train.rerank_topk),
-                                       k_rerank=cfg.train.rerank_topk, progress=False,
+    k = cfg.train.rerank_topk
+    first, second = evaluate.two_stage(um, queries, corpus, k_retrieve=max(100, k), k_rerank=k, progress=False,
                                        drop_self=evaluate.resolve_drop_self("auto", queries, corpus))
     emb, rr = evaluate.evaluate_run(qrels, first), evaluate.evaluate_run(qrels, second)
+    cands = dev_candidates(um, dev, cfg)
+    cand = evaluate.evaluate_run(qrels, cands, k_recall=(k,))
+    fixed = evaluate.evaluate_run(qrels, evaluate.rerank(um, queries, corpus, cands, k=k, progress=False))
     return {"emb_ndcg@10": emb["ndcg@10"], "emb_recall@100": emb["recall@100"],
+            "fixed_ndcg@10": fixed["ndcg@10"], "cand_ndcg@10": cand["ndcg@10"], f"cand_recall@{k}": cand[f"recall@{k}"],
             "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
+
+
+def summary_line(metrics_path: str, out_dir: str, seconds: float) -> str:
+    """One line at the end of a run: where it is, and the first and last dev evaluation (nDCG@10)."""
+    with open(metrics_path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+
+    def figures(m: dict) -> str:
+        recall = next((f"{k} {v:.3f}" for k, v in m.items() if k.startswith("cand_recall@")), "")
+        return (f"retrieval {m['emb_ndcg@10']:.3f}, rerank fixed {m['fixed_ndcg@10']:.3f} (candidates "
+                f"{m['cand_ndcg@10']:.3f}, {recall}), two-stage {m['rerank_ndcg@10']:.3f}")
+
+    return (f"done: {out_dir} in {seconds:.0f} s | dev nDCG@10 step {rows[0]['step']}: {figures(rows[0])} | "
+            f"step {rows[-1]['step']}: {figures(rows[-1])}")
 
 
 def has_learned_router(um: UniMoER) -> bool:
@@ -1539,9 +1671,18 @@ def prepare(cfg: Config, rank: int) -> Config:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if d.synthetic and not (os.path.isdir(d.dir) and os.listdir(d.dir)):  # atomic: present means complete
-            data.make_synthetic(d.dir, seed=d.synthetic_seed)
+            try:
+                data.make_synthetic(d.dir, seed=d.synthetic_seed, **d.synthetic_args)
+            except TypeError as e:
+                raise ConfigError(f"data.synthetic_args: {e}") from None
         if cfg.model.path is None and not os.path.isdir(os.path.join(out, "base")):
-            write_tiny_base(cfg, os.path.join(out, "base"))
+            if cfg.model.tiny.pretrain_steps > 0:  # pretrained once per (data, tiny config), then copied
+                cache = tiny_base_cache_dir(cfg)
+                if not os.path.isdir(cache):
+                    write_tiny_base(cfg, cache)
+                copy_dir_atomically(cache, os.path.join(out, "base"))
+            else:
+                write_tiny_base(cfg, os.path.join(out, "base"))
     if dist.is_initialized():
         dist.barrier()
     if cfg.model.path is None:
@@ -1571,6 +1712,7 @@ def main(argv: Sequence[str]) -> None:
 
 def train_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.device) -> None:
     """The run itself, inside open_run_dir: setup (prepare), step-0 dev evaluation, the loop, checkpoints."""
+    t_start = time.time()  # the summary line's wall time: setup (data, tiny base) included
     t = cfg.train
     cfg = prepare(cfg, rank)
     random.seed(t.seed)
@@ -1652,6 +1794,8 @@ def train_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
             if world > 1:
                 dist.barrier()
     bar.close()
+    if rank == 0:
+        print(summary_line(metrics_path, t.out_dir, time.time() - t_start), flush=True)
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,0 +1,124 @@
+"""Experiments 1-3 on the tiny default, one command each: train every run (sequentially, one thread each), then
+`analysis.py report` on them.
+
+    python benchmarks/run_experiments.py --exp 1                  # modes x seeds 1 2 3, then the report
+    python benchmarks/run_experiments.py --exp 2 --seeds 1 2 3    # routers of joint_moe against the specialists
+    python benchmarks/run_experiments.py --exp 3                  # freeze (knowledge-transfer) variants
+    python benchmarks/run_experiments.py --exp 1 --smoke          # 2 steps per run, a small report: checks wiring
+    python benchmarks/run_experiments.py --exp 1 --dry-run        # print the commands only
+
+Experiment 1 (interference): the seven modes of configs/tiny_<mode>.yaml.
+Experiment 2 (routers): joint_moe with each routing function (router.fn), next to the emb_only / rank_only
+specialists; analysis.py groups runs by (mode, seed), so each router gets its own report against the specialists.
+Experiment 3 (transfer): joint_moe trained one task after the other, the first task's and the shared experts
+frozen for the second (configs/tiny_transfer_*.yaml), each reported against the specialists the same way.
+
+Runs go to <out>/exp<N>/<name>_s<seed>; a run directory that already holds a checkpoint is continued with
+--resume (a finished run then only re-reads its state), so an interrupted grid is restarted by the same command.
+Reports go to <out>/exp<N>_report[/<variant>]. Every reranking row reranks the same fixed list: the subword-BM25
+dev candidates each run writes (train.dev_candidates), passed to the report as --candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ["emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared"]
+SPECIALISTS = ["emb_only", "rank_only"]
+# Experiment 2: name -> overrides of configs/tiny_joint_moe.yaml (router.py's ROUTING_FNS; entmax15 and
+# entmax_bisect need the optional `entmax` package, so they are left out of the default grid).
+ROUTERS = {
+    "softmax": [],
+    "topk1": ["--router.fn=topk", "--router.top_k=1"],
+    "sparsemax": ["--router.fn=sparsemax"],
+    "dynmole": ["--router.fn=dynmole", "--router.top_k=1"],
+    "sparsegen": ["--router.fn=sparsegen", "--router.lambda_predictor=true"],
+}
+# Experiment 3: name -> config file under configs/.
+TRANSFER = {
+    "embed_then_rerank": "tiny_transfer_embed_then_rerank.yaml",
+    "rerank_then_embed": "tiny_transfer_rerank_then_embed.yaml",
+}
+SMOKE = ["--train.steps=2", "--train.warmup_steps=1", "--train.eval_every=2", "--train.save_every=2",
+         "--data.dev_queries=8"]
+
+def smoke_stages(name: str) -> list:
+    """Two 1-step stages in the variant's order and with its frozen experts (the smoke version of its stages)."""
+    first, second, frozen = ("embed", "rerank", "[embed, shared]") if "embed_then" in name else \
+        ("rerank", "embed", "[rerank, shared]")
+    return [f"--train.stages=[{{steps: 1, tasks: {first}}}, {{steps: 1, tasks: {second}, freeze_experts: {frozen}}}]"]
+
+
+def runs_for(exp: int) -> list:
+    """-> [(name, config file, overrides)] of one experiment (without seeds)."""
+    cfg = lambda mode: os.path.join(REPO, "configs", f"tiny_{mode}.yaml")  # noqa: E731
+    if exp == 1:
+        return [(m, cfg(m), []) for m in MODES]
+    if exp == 2:
+        return [(m, cfg(m), []) for m in SPECIALISTS] + [(f"joint_moe_{r}", cfg("joint_moe"), o)
+                                                         for r, o in ROUTERS.items()]
+    if exp == 3:
+        return [(m, cfg(m), []) for m in SPECIALISTS] + [(f"transfer_{n}", os.path.join(REPO, "configs", f), [])
+                                                         for n, f in TRANSFER.items()]
+    raise SystemExit(f"--exp: expected 1, 2 or 3, got {exp}")
+
+
+def reports_for(exp: int, run_dirs: dict) -> list:
+    """-> [(report name, [run dirs])]: one report for Experiment 1, one per variant (with the specialists) else."""
+    if exp == 1:
+        return [("", [d for ds in run_dirs.values() for d in ds])]
+    spec = [d for m in SPECIALISTS for d in run_dirs[m]]
+    return [(name, spec + dirs) for name, dirs in run_dirs.items() if name not in SPECIALISTS]
+
+
+def run(cmd: list, dry: bool, env: dict) -> None:
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if not dry:
+        t0 = time.time()
+        subprocess.run(cmd, check=True, env=env, cwd=REPO)
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--exp", type=int, required=True, choices=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default="ckpt", help="runs go to <out>/exp<N>/, reports to <out>/exp<N>_report/")
+    p.add_argument("--smoke", action="store_true", help="2 training steps per run and a small report")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args(argv)
+    if len(a.seeds) < 2:
+        raise SystemExit("--seeds: the report's bootstrap needs at least 2 seeds (3 or more recommended)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    py = sys.executable
+    root = os.path.join(a.out, f"exp{a.exp}")
+    run_dirs = {}
+    t0 = time.time()
+    for name, config, overrides in runs_for(a.exp):
+        for seed in a.seeds:
+            out_dir = os.path.join(root, f"{name}_s{seed}")
+            run_dirs.setdefault(name, []).append(out_dir)
+            cmd = [py, "train.py", config, f"--train.seed={seed}", f"--train.out_dir={out_dir}"] + overrides
+            if a.smoke:
+                cmd += SMOKE + (smoke_stages(name) if "_then_" in name else [])
+            if os.path.isfile(os.path.join(REPO, out_dir, "latest")) or os.path.isfile(os.path.join(out_dir, "latest")):
+                cmd.append("--resume")
+            run(cmd, a.dry_run, env)
+    for name, dirs in reports_for(a.exp, run_dirs):
+        report_dir = os.path.join(a.out, f"exp{a.exp}_report", name) if name else os.path.join(a.out, f"exp{a.exp}_report")
+        cmd = [py, "analysis.py", "report", *dirs, "--out", report_dir,
+               "--candidates", os.path.join(dirs[0], "dev_candidates.trec")]
+        if a.smoke:
+            cmd += ["--resamples", "200", "--batches", "1", "--n", "4", "--no-base-probe"]
+        run(cmd, a.dry_run, env)
+    print(f"experiment {a.exp}: {sum(map(len, run_dirs.values()))} runs and their report(s) in "
+          f"{time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
