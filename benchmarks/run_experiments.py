@@ -8,7 +8,7 @@
     python benchmarks/run_experiments.py --exp 1 --dry-run        # print the commands only
 
 Experiment 1 (interference): the seven modes of configs/tiny_<mode>.yaml.
-Experiment 2 (routers): joint_moe with each routing function (router.fn), next to the emb_only / rank_only
+Experiment 2 (routers): joint_moe with each router of configs/tiny_exp2_<router>.yaml, next to the emb_only / rank_only
 specialists; analysis.py groups runs by (mode, seed), so each router gets its own report against the specialists.
 Experiment 3 (transfer): joint_moe trained one task after the other, the first task's and the shared experts
 frozen for the second (configs/tiny_transfer_*.yaml), each reported against the specialists the same way.
@@ -30,15 +30,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared"]
 SPECIALISTS = ["emb_only", "rank_only"]
-# Experiment 2: name -> overrides of configs/tiny_joint_moe.yaml (router.py's ROUTING_FNS; entmax15 and
-# entmax_bisect need the optional `entmax` package, so they are left out of the default grid).
-ROUTERS = {
-    "softmax": [],
-    "topk1": ["--router.fn=topk", "--router.top_k=1"],
-    "sparsemax": ["--router.fn=sparsemax"],
-    "dynmole": ["--router.fn=dynmole", "--router.top_k=1"],
-    "sparsegen": ["--router.fn=sparsegen", "--router.lambda_predictor=true"],
-}
+# Experiment 2: the router configs configs/tiny_exp2_<router>.yaml (the router catalogue of README), trained as
+# long as the Experiment-1 configs.
+ROUTERS = ["softmax", "topk", "sparsemax", "entmax15", "dynmole", "ldmole", "retriever"]
+EXP_STEPS = ["--train.steps=600"]  # configs/tiny_<mode>.yaml's steps; tiny_exp2_*.yaml build on tiny.yaml's 300
 # Experiment 3: name -> config file under configs/.
 TRANSFER = {
     "embed_then_rerank": "tiny_transfer_embed_then_rerank.yaml",
@@ -60,8 +55,8 @@ def runs_for(exp: int) -> list:
     if exp == 1:
         return [(m, cfg(m), []) for m in MODES]
     if exp == 2:
-        return [(m, cfg(m), []) for m in SPECIALISTS] + [(f"joint_moe_{r}", cfg("joint_moe"), o)
-                                                         for r, o in ROUTERS.items()]
+        return [(m, cfg(m), []) for m in SPECIALISTS] + [(f"joint_moe_{r}", cfg(f"exp2_{r}"), EXP_STEPS)
+                                                         for r in ROUTERS]
     if exp == 3:
         return [(m, cfg(m), []) for m in SPECIALISTS] + [(f"transfer_{n}", os.path.join(REPO, "configs", f), [])
                                                          for n, f in TRANSFER.items()]
