@@ -38,10 +38,8 @@ def env(tmp_path_factory):
     """{task, run, cfg}: the synthetic task and a finished 2-step tiny run whose config is {cfg}."""
     root = tmp_path_factory.mktemp("cli")
     task = tiny_setup.write_synthetic(str(root / "synthetic"))
-    cfg = tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "run"),
-                                  train={"steps": 2, "eval_every": 2, "save_every": 2, "warmup_steps": 1})
-    train.main([cfg])
-    return {"task": task, "run": str(root / "run"), "cfg": cfg}
+    cfg, run = tiny_setup.finished_run(str(root), task)
+    return {"task": task, "run": run, "cfg": cfg}
 
 
 def tree_digest(path: str) -> dict:

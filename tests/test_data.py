@@ -9,6 +9,7 @@ import pytest
 
 import data
 from data import DataError
+import tiny_setup
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -197,29 +198,20 @@ def test_rerank_template_is_qwen3_reranker_format():
 
 
 # --------------------------------------------------------------------------------------------- synthetic task
-def read_all(d):
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), d)] = fh.read()
-    return out
-
-
 def test_synthetic_same_seed_gives_identical_bytes(synth, tmp_path):
     again = str(tmp_path / "again")
     data.make_synthetic(again, seed=0)
-    files = read_all(synth)
+    files = tiny_setup.read_tree(synth)
     assert sorted(files) == sorted(["corpus.jsonl", "queries.jsonl", "train.jsonl", "tokenizer.json", "lexicon.json",
                                     "tokenizer_config.json"] + [os.path.join("qrels", f"{s}.tsv")
                                                                 for s in ("train", "dev", "test")])
-    assert read_all(again) == files
+    assert tiny_setup.read_tree(again) == files
 
 
 def test_synthetic_different_seed_differs(synth, tmp_path):
     other = str(tmp_path / "other")
     data.make_synthetic(other, seed=1)
-    a, b = read_all(synth), read_all(other)
+    a, b = tiny_setup.read_tree(synth), tiny_setup.read_tree(other)
     for name in ("corpus.jsonl", "queries.jsonl", "train.jsonl"):
         assert a[name] != b[name]
 

@@ -73,9 +73,7 @@ def run(tmp_path_factory):
     """(task, a 2-step tiny run, a copy of the task whose first test query is also a corpus document)."""
     root = tmp_path_factory.mktemp("drop_self")
     task = tiny_setup.write_synthetic(str(root / "synthetic"))
-    cfg = tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "run"),
-                                  train={"steps": 2, "eval_every": 2, "save_every": 2, "warmup_steps": 1})
-    train.main([cfg])
+    cfg, _ = tiny_setup.finished_run(str(root), task)
     selfish = str(root / "selfish")
     shutil.copytree(task, selfish)
     qid = sorted(ev.judged_queries(data.load_qrels(task, "test")))[0]

@@ -61,14 +61,7 @@ def config(root, data_dir=None, out=None) -> str:
                                    out or os.path.join(root, "run"), **SETUP_CFG)
 
 
-def tree(d) -> dict:
-    """{relative path: bytes} of every file under d (lock files left out)."""
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), d)] = fh.read()
-    return out
+tree = tiny_setup.read_tree
 
 
 def leftovers(*dirs) -> list:

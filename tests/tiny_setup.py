@@ -83,3 +83,23 @@ def randomize_lora_B(um, seed: int, std: float = 0.05) -> None:
         for m in um.base.modules():
             if isinstance(m, moe_lora.MoELoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * std)
+
+
+def read_tree(d: str) -> dict:
+    """{relative path: bytes} of every file under d: two trees compare equal iff they are byte-identical."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), d)] = fh.read()
+    return out
+
+
+def finished_run(root: str, task: str) -> tuple:
+    """A finished 2-step tiny run on `task` in <root>/run -> (config path, run directory)."""
+    import train  # after sys.path is set; train is not needed by ddp_worker's own imports
+
+    cfg = write_config(os.path.join(root, "cfg.yaml"), task, os.path.join(root, "run"),
+                       train={"steps": 2, "eval_every": 2, "save_every": 2, "warmup_steps": 1})
+    train.main([cfg])
+    return cfg, os.path.join(root, "run")
