@@ -37,7 +37,7 @@ backward passes, in eval mode (no dropout, no router jitter). Per layer and proj
 as a probe (requires_grad switched on for the analysis only). A tensor only one task reaches (cos undefined) is
 not shared. Conflict fraction: batches with cos < 0 (PCGrad's criterion).
 
-Routing: train.routing_snapshot on dev texts (the first --n dev queries, each with its first relevant document);
+Routing: unimoer.routing_snapshot on dev texts (the first --n dev queries, each with its first relevant document);
 over training from <run>/routing.jsonl. Geometry: linear CKA (Kornblith et al. 2019) of the last-token hidden
 state per layer; singular values of each expert's delta s_e B_e A_e and principal angles between experts' column
 spaces (left singular vectors of the deltas).
@@ -53,11 +53,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+import config
 import data
 import evaluate
+import ir
 import moe_lora
 import train
-from model import ArgumentParser, last_token_positions, run_cli
+import unimoer
+from model import ArgumentParser, run_cli
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
 METRIC = "ndcg@10"
@@ -189,8 +192,8 @@ def _std(xs) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------ runs and data
 def run_info(path: str) -> dict:
     """A run or checkpoint directory -> {"path", "ckpt", "run_dir", "mode", "seed", "label", "cfg"}."""
-    ckpt = train.checkpoint_dir(path)
-    cfg = train.load_config(os.path.join(ckpt, "config.yaml"))
+    ckpt = unimoer.checkpoint_dir(path)
+    cfg = config.load_config(os.path.join(ckpt, "config.yaml"))
     return {"path": path, "ckpt": ckpt, "run_dir": os.path.dirname(os.path.abspath(ckpt)), "mode": cfg.train.mode,
             "seed": cfg.train.seed, "label": f"{cfg.train.mode}_s{cfg.train.seed}", "cfg": cfg}
 
@@ -212,24 +215,24 @@ def first_per_mode(runs: list) -> list:
     for r in runs:
         if r["mode"] not in best or r["seed"] < best[r["mode"]]["seed"]:
             best[r["mode"]] = r
-    return sorted(best.values(), key=lambda r: train.MODES.index(r["mode"]))
+    return sorted(best.values(), key=lambda r: config.MODES.index(r["mode"]))
 
 
-def eval_set(cfg: train.Config, data_dir: Optional[str], split: Optional[str]) -> tuple:
+def eval_set(cfg: config.Config, data_dir: Optional[str], split: Optional[str]) -> tuple:
     """-> (name, (corpus texts, queries, qrels)) as evaluate.evaluate_checkpoint picks them: the run's dev set as
     training cuts it (no data_dir, no split), else the whole split (default test) of data_dir (default data.dir)."""
     if data_dir is None and split is None:
-        data_dir, split, dev = cfg.data.dir, cfg.data.dev_split, train.load_dev(cfg)
+        data_dir, split, dev = cfg.data.dir, cfg.data.dev_split, evaluate.load_dev(cfg)
     else:
         data_dir, split = data_dir or cfg.data.dir, split or "test"
         dev = evaluate.load_split(data_dir, split)
     return os.path.basename(os.path.normpath(data_dir)) + ("" if split == "test" else f"-{split}"), dev
 
 
-def eval_texts(cfg: train.Config, data_dir: Optional[str], split: Optional[str], n: int) -> tuple:
+def eval_texts(cfg: config.Config, data_dir: Optional[str], split: Optional[str], n: int) -> tuple:
     """-> (name, (queries, docs, pairs)): the first n judged queries, each with its first relevant document."""
     name, dev = eval_set(cfg, data_dir, split)
-    return name, train.dev_routing_texts(dev, n)
+    return name, evaluate.dev_routing_texts(dev, n)
 
 
 def per_query_metrics(run: dict, data_dir, split, candidates, **eval_kwargs) -> tuple:
@@ -267,13 +270,13 @@ def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str]
         for r in runs:
             name, values[r["label"]] = per_query_metrics(r, data_dir, split, cand, **eval_kwargs)
         tasks = {}
-        for task in train.TASKS:
-            on_task = [r for r in runs if task in train.mode_tasks(r["mode"])]
+        for task in config.TASKS:
+            on_task = [r for r in runs if task in config.mode_tasks(r["mode"])]
             if not on_task:
                 continue
             qids = sorted(set.intersection(*(set(values[r["label"]][task]) for r in on_task)))
             by_mode = {}  # mode -> {seed: (Q,) per-query values}
-            for r in sorted(on_task, key=lambda r: (train.MODES.index(r["mode"]), r["seed"])):
+            for r in sorted(on_task, key=lambda r: (config.MODES.index(r["mode"]), r["seed"])):
                 by_mode.setdefault(r["mode"], {})[r["seed"]] = np.array([values[r["label"]][task][q] for q in qids])
             spec, rows = by_mode.get(SPECIALIST[task]), {}
             for mode, seeds in by_mode.items():
@@ -318,7 +321,7 @@ def interference_markdown(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ gradients
-def gradient_groups(um: train.UniMoER, base_probe: bool) -> tuple:
+def gradient_groups(um: unimoer.UniMoER, base_probe: bool) -> tuple:
     """-> (params {name: tensor}, groups {(where, kind): [(param name, index)]}), in module order.
 
     where "<layer>.<proj>" with kind an expert (its rank slots: rows of A, columns of B) or "base" (the frozen
@@ -357,7 +360,7 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
     -> {"label", "mode", "steps", "groups": {where: {kind: {"cos_mean", "cos_std", "conflict_frac", "norm_emb",
     "norm_rank", "norm_ratio", "n"}}}}; n counts the batches where both gradients are non-zero (shared tensors).
     """
-    um = train.load_run(run["ckpt"]).eval()  # eval: no dropout or jitter, the deterministic function
+    um = unimoer.load_run(run["ckpt"]).eval()  # eval: no dropout or jitter, the deterministic function
     cfg, t = um.cfg, um.cfg.train
     examples = train.train_examples(cfg)
     sampler = data.TrainSampler(examples, t.batch_size // t.grad_accum, cfg.data.n_neg, t.seed)
@@ -372,8 +375,8 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
         for p in frozen:  # the probe: gradients on the base weights, for this analysis only
             p.requires_grad_(True)
         for step in steps:  # the batch train.py trains on at this step (its first micro-batch)
-            inputs = train.batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum)),
-                                        train.TASKS)
+            inputs = unimoer.batch_inputs(um, data.gather_texts(examples, sampler.batch(step * t.grad_accum)),
+                                        config.TASKS)
             q_tok, d_tok, p_tok = inputs["queries"], inputs["docs"], inputs["pairs"]
 
             def loss_emb():
@@ -424,19 +427,19 @@ def gradients_markdown(results: list) -> str:
 
 # ------------------------------------------------------------------------------------------------ routing
 def routing(run: dict, texts: dict) -> dict:
-    """train.routing_snapshot on each dataset's texts {name: (queries, docs, pairs)}, and <run>/routing.jsonl.
+    """unimoer.routing_snapshot on each dataset's texts {name: (queries, docs, pairs)}, and <run>/routing.jsonl.
 
     -> {"label", "mode", "router": "learned" | "task (fixed weights)", "eval": {dataset: snapshot},
     "training": [snapshot with "step", ...]}
     """
-    um = train.load_run(run["ckpt"])
+    um = unimoer.load_run(run["ckpt"])
     spec = moe_lora.get_config(um.base)
     path = os.path.join(run["run_dir"], "routing.jsonl")
     training = [json.loads(x) for x in open(path) if x.strip()] if os.path.isfile(path) else []
     return {"label": run["label"], "mode": run["mode"],
             "router": "learned" if spec.router.kind == "learned" else "task (fixed weights)",
             "always_on": [e.name for e in spec.experts if e.name not in spec.routed_experts],
-            "eval": {name: train.routing_snapshot(um, *t) for name, t in texts.items()}, "training": training}
+            "eval": {name: unimoer.routing_snapshot(um, *t) for name, t in texts.items()}, "training": training}
 
 
 def routing_markdown(results: list) -> str:
@@ -448,7 +451,7 @@ def routing_markdown(results: list) -> str:
             lines += [f"Mean routing weight per expert and mean entropy (nats) on {ds}:", "",
                       "| task | layer | " + " | ".join(snap["experts"]) + " | entropy |",
                       "|---" * (len(snap["experts"]) + 3) + "|"]
-            for task in train.TASKS:
+            for task in config.TASKS:
                 for layer, w, h in zip(snap[task]["layers"], snap[task]["weights"], snap[task]["entropy"]):
                     lines.append(f"| {task} | {layer} | " + " | ".join(_f(x) for x in w) + f" | {_f(h)} |")
             lines.append("")
@@ -457,7 +460,7 @@ def routing_markdown(results: list) -> str:
             lines += ["Over training (routing.jsonl; mean over layers):", "",
                       "| step | task | " + " | ".join(experts) + " | entropy |", "|---" * (len(experts) + 3) + "|"]
             for snap in res["training"]:
-                for task in train.TASKS:
+                for task in config.TASKS:
                     w = np.mean(snap[task]["weights"], axis=0)
                     lines.append(f"| {snap['step']} | {task} | " + " | ".join(_f(x) for x in w)
                                  + f" | {_f(float(np.mean(snap[task]['entropy'])))} |")
@@ -469,7 +472,7 @@ def routing_markdown(results: list) -> str:
 
 # ------------------------------------------------------------------------------------------------ geometry
 @torch.no_grad()
-def hidden_by_layer(um: train.UniMoER, kind: str, items: list, batch_size: int = 32) -> list:
+def hidden_by_layer(um: unimoer.UniMoER, kind: str, items: list, batch_size: int = 32) -> list:
     """The pooled hidden state per layer: [embeddings, block 1, ..., block L, final norm], each (n, H) float64.
 
     kind "query" / "doc": the embedding path (its instruction, its pooling); "pair": the reranking path (its
@@ -480,19 +483,15 @@ def hidden_by_layer(um: train.UniMoER, kind: str, items: list, batch_size: int =
         chunk = items[i:i + batch_size]
         tok = um.tokens_pairs(*zip(*chunk)) if kind == "pair" else \
             (um.tokens_queries if kind == "query" else um.tokens_documents)(chunk)
-        ids, mask = tok["input_ids"].to(um._device()), tok["attention_mask"].to(um._device())
-        task = train.TASKS.index("rerank" if kind == "pair" else "embed")
-        out = um.base(ids, mask, causal=kind == "pair" or not um.cfg.model.bidirectional, output_hidden_states=True,
-                      task_ids=torch.full((ids.shape[0],), task, device=ids.device))
-        first = kind != "pair" and um.cfg.train.pooling == "first"
-        pos = mask.long().argmax(dim=1) if first else last_token_positions(mask)
-        rows.append([h[torch.arange(ids.shape[0]), pos].double().cpu().numpy()  # (B, H) per layer
+        task = "rerank" if kind == "pair" else "embed"
+        out, mask = um.run_base(task, tok, output_hidden_states=True)
+        pos = um.pool_positions(task, mask)
+        rows.append([h[torch.arange(mask.shape[0]), pos].double().cpu().numpy()  # (B, H) per layer
                      for h in out.layer_hidden + [out.hidden]])
-    moe_lora.clear_routing(um.base)
     return [np.concatenate(layer) for layer in zip(*rows)]
 
 
-def expert_geometry(um: train.UniMoER) -> dict:
+def expert_geometry(um: unimoer.UniMoER) -> dict:
     """Per adapted linear: singular values of each expert's delta s_e B_e A_e and principal angles (degrees)
     between each pair of experts' column spaces, with the angles of random subspaces of the same sizes as a
     reference (one draw, default_rng(0)): random low-rank subspaces of a small space are far from orthogonal."""
@@ -539,7 +538,7 @@ def geometry(runs: list, texts: tuple) -> dict:
     queries, docs, pairs = texts
     reps, experts = {}, {}
     for r in runs:
-        um = train.load_run(r["ckpt"])
+        um = unimoer.load_run(r["ckpt"])
         reps[r["label"]] = {k: hidden_by_layer(um, k, list(v)) for k, v in (("query", queries), ("doc", docs),
                                                                              ("pair", pairs))}
         experts[r["label"]] = expert_geometry(um)
@@ -627,14 +626,14 @@ def _plot_routing(plt, routs: list, path: str) -> None:
     for row, res in zip(axes, routs):
         snap = next(iter(res["eval"].values()))
         routed = [i for i, e in enumerate(snap["experts"]) if e not in res["always_on"]]
-        for ax, task in zip(row, train.TASKS):
+        for ax, task in zip(row, config.TASKS):
             w = np.array(snap[task]["weights"])  # (layers, experts)
             for i in routed:
                 ax.plot(snap[task]["layers"], w[:, i], "o-", color=f"C{i}", ms=3, label=snap["experts"][i])
             ax.set(ylim=(-0.05, 1.05), xlabel="layer", xticks=snap[task]["layers"])
             ax.set_title(f"{res['label']}: {task} (eval)", fontsize=9)
         row[0].legend(fontsize=7)
-        for task, style in zip(train.TASKS, ("-", "--")):  # over training: colour = expert, line style = task
+        for task, style in zip(config.TASKS, ("-", "--")):  # over training: colour = expert, line style = task
             for i in routed:
                 row[2].plot([s["step"] for s in res["training"]], [np.mean(s[task]["weights"], axis=0)[i]
                                                                    for s in res["training"]],
@@ -697,7 +696,7 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     picked = first_per_mode(runs)
     texts = dict(eval_texts(runs[0]["cfg"], d, split, n_texts) for d in data_dirs)
     inter = interference(runs, data_dirs, split, candidates, n_resamples, seed, **eval_kwargs)
-    grads = [gradient_conflict(r, n_batches, base_probe) for r in picked if len(train.mode_tasks(r["mode"])) == 2]
+    grads = [gradient_conflict(r, n_batches, base_probe) for r in picked if len(config.mode_tasks(r["mode"])) == 2]
     routs = [routing(r, texts) for r in picked]
     geo = geometry(runs, next(iter(texts.values())))
     for name, res in (("interference", inter), ("gradients", grads), ("routing", routs), ("geometry", geo)):
@@ -721,18 +720,18 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     md += ["## Routing", "", routing_markdown(routs), "![](routing.png)", "", "## Geometry", "",
            geometry_markdown(geo), "![](cka.png)", "", "![](expert_spectra.png)", ""]
     path = os.path.join(out, "report.md")
-    evaluate.write_text_atomic(path, "\n".join(md))
+    ir.write_text_atomic(path, "\n".join(md))
     return path
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def _write_json(path: str, obj) -> None:
-    evaluate.write_text_atomic(path, json.dumps(obj, indent=1))
+    ir.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _write(out: str, name: str, res, md: str) -> None:
     _write_json(os.path.join(out, f"{name}.json"), res)
-    evaluate.write_text_atomic(os.path.join(out, f"{name}.md"), md)
+    ir.write_text_atomic(os.path.join(out, f"{name}.md"), md)
     print(md)
 
 

@@ -249,12 +249,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
         # Set by moe_lora.attach: called at block entry, it computes this layer's routing weights from the block
-        # input and hands them to the block's MoE-LoRA linears. None for the plain backbone.
+        # input and hands them to the block's MoE-LoRA linears; its clear() takes them back when the block is done
+        # (also on an error), so no routing state outlives one call. None for the plain backbone.
         self.adapter_hook: Optional[nn.Module] = None
 
     def forward(self, x, cos, sin, mask, is_causal, ctx: "ForwardContext"):
-        if self.adapter_hook is not None:
-            self.adapter_hook(x, ctx)
+        if self.adapter_hook is None:
+            return self._layers(x, cos, sin, mask, is_causal)
+        self.adapter_hook(x, ctx)
+        try:
+            return self._layers(x, cos, sin, mask, is_causal)
+        finally:
+            self.adapter_hook.clear()
+
+    def _layers(self, x, cos, sin, mask, is_causal):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -12,7 +12,7 @@ attach(model, cfg) wraps the chosen projections of the chosen layers (MoELoRALin
 base `weight`/`bias`, so HF parameter names are unchanged) and sets each block's `adapter_hook` to a MoEHook: at block
 entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
 (not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
-linears. A shared expert is either always on (weight 1, outside the router) or routed, per config.
+linears for that block call only (Block.forward clears it when the block is done). A shared expert is either always on (weight 1, outside the router) or routed, per config.
 
 Router kinds: task (TaskRouter per layer), learned (LearnedRouter per layer, or one at the first adapted layer for
 all; LD-MoLE's lambda predictor shared by all layers unless router.lambda_shared is false) and retriever
@@ -54,7 +54,8 @@ def _default_experts():
 
 @dataclass
 class MoELoRAConfig:
-    """Which experts go where and how they are routed. Plain types only: filled 1:1 from YAML by train.py."""
+    """Which experts go where and how they are routed. Plain types only: built from the YAML config by
+    config.adapter_config (train.mode's experts, the resolved router section)."""
     experts: list = field(default_factory=_default_experts)  # ExpertSpec or {"name", "r", "alpha"} dicts
     targets: list = field(default_factory=lambda: list(TARGETS))  # "q_proj" ... or short "q", "gate", ...
     layers: Optional[list] = None  # layer indices; None = every layer
@@ -145,7 +146,8 @@ class MoELoRALinear(nn.Linear):
 
         y = W x + b + ((drop(x) A^T) * g) B^T = W x + b + sum_i w_i s_i B_i A_i drop(x)
         A = [A_1; ...; A_E] (R, in), B = [B_1, ..., B_E] (out, R), R = sum r_i, g = (w_i s_i repeated r_i times)
-    g (`gate`, fp32): (R,), (B, 1, R) per sequence or (B, T, R) per token, set before each forward by the MoEHook.
+    g (`gate`, fp32): (R,), (B, 1, R) per sequence or (B, T, R) per token, set by the block's MoEHook for one block
+    call and cleared after it (None between calls).
     weight/bias are the base's own frozen Parameters; lora_A/lora_B are fp32; the output keeps the base dtype.
     """
 
@@ -284,6 +286,12 @@ class MoEHook(nn.Module):
                 F.linear(w.detach(), self.expert_map, self.expert_const)  # (B, E) or (B, T, E), config order
             ctx.routing.append((self.layer_idx, full))
 
+    def clear(self) -> None:
+        """Take the gates back from the linears (Block.forward calls it when the block is done): they reference
+        this call's router graph and hold for this call only."""
+        for lin in self.linears:
+            lin.gate = None
+
 
 # --------------------------------------------------------------------------------------------- attach / detach
 def _linears(model) -> list:
@@ -375,12 +383,6 @@ def detach(model):
     model.adapter_prepass = None
     model.moe_lora_config = None
     return model
-
-
-def clear_routing(model) -> None:
-    """Drop the gates left on the linears by the last forward (they reference its router graph)."""
-    for lin in _linears(model):
-        lin.gate = None
 
 
 def adapter_state_dict(model) -> dict:

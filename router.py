@@ -404,7 +404,8 @@ def entropy_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Au
 # --------------------------------------------------------------------------------------------- config
 @dataclass
 class RouterConfig:
-    """How the routed experts' weights are computed. Plain types only: filled 1:1 from YAML by train.py."""
+    """How the routed experts' weights are computed. Plain types only: the YAML `router:` section, filled 1:1 by
+    config.py (which fills kind and task_experts from train.mode: config.resolve_mode)."""
     # "task": fixed weights from task ids (Hard-Switch) | "learned" | "retriever": RouterRetriever (pilot embeddings)
     kind: str = "learned"
     tasks: list = field(default_factory=lambda: ["embed", "rerank"])  # task_ids index this list

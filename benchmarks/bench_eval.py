@@ -1,12 +1,12 @@
 """Benchmark the evaluation side: faiss index kinds and corpus-encoding throughput.
 
-Part 1, dense search (evaluate.build_index / evaluate.search): n_docs vectors of dimension dim, n_queries
+Part 1, dense search (retrieval.build_index / retrieval.search): n_docs vectors of dimension dim, n_queries
 queries, top-k. For flat (exact), HNSW and IVF-PQ it prints build time, search time, queries/s and recall@k
 against the flat index, with ratios vs flat. --data lowrank (default) draws documents and queries near a
 random 64-dimensional subspace plus noise, which is closer to real embeddings than i.i.d. Gaussian vectors;
 --data gaussian gives the i.i.d. worst case for approximate search (neighbours are barely nearer than anyone).
 
-Part 2, encoding (evaluate.encode_corpus): docs/s for each --encoder on a synthetic corpus (Zipfian words,
+Part 2, encoding (retrieval.encode_corpus): docs/s for each --encoder on a synthetic corpus (Zipfian words,
 10-300 words per document), through the pipeline (length-sorted batches) and as one direct call in corpus
 order, with ratios vs the first encoder. Encoders (make_encoder):
   bow         numpy random-projection bag-of-words, the no-model baseline;
@@ -14,7 +14,7 @@ order, with ratios vs the first encoder. Encoders (make_encoder):
   qwen3-0.6b  a UniMoER at Qwen3-0.6B's widths (hidden 1024, 16 / 8 heads of 128, MLP 3072, joint_moe experts
               r 8 / 8 / 16 on all seven projections) with only --enc-layers layers (of 28) and a small vocabulary;
               it encodes the first --enc-docs-large documents only (on CPU it manages a few docs/s);
-  DIR         a run, checkpoint or plain HF model directory (evaluate.load_model).
+  DIR         a run, checkpoint or plain HF model directory (unimoer.load_model).
 The random bases are written to a temporary directory (the synthetic task's tokenizer; nothing downloaded).
 Model encoders truncate documents at --max-doc-len tokens. The machine's load average is printed: on shared
 cores the figures move with it.
@@ -35,9 +35,13 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as ev  # noqa: E402
+import config  # noqa: E402
+import retrieval  # noqa: E402
+import runs  # noqa: E402
+import synthetic  # noqa: E402
+import unimoer  # noqa: E402
 
-# Widths of the random bases (train.TinyBase fields): configs/tiny.yaml's, and Qwen3-0.6B's (its config.json:
+# Widths of the random bases (config.TinyBase fields): configs/tiny.yaml's, and Qwen3-0.6B's (its config.json:
 # 28 layers; here the layer count comes from --enc-layers).
 TINY_WIDTHS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    intermediate_size=192, init_std=0.1)
@@ -81,14 +85,14 @@ def random_unimoer(widths: dict, tmp: str, max_doc_len: int):
 
     task = os.path.join(tmp, "task")
     if not os.path.isdir(task):
-        data.make_synthetic(task, n_docs=300, n_train=200, n_dev=16, n_test=16)  # only its tokenizer is used
-    cfg = train.Config()
+        synthetic.make_synthetic(task, n_docs=300, n_train=200, n_dev=16, n_test=16)  # only its tokenizer is used
+    cfg = config.Config()
     cfg.data.dir, cfg.data.max_doc_len = task, max_doc_len
-    cfg.model.tiny = train.TinyBase(**widths)
+    cfg.model.tiny = config.TinyBase(**widths)
     base = os.path.join(tmp, f"base-{widths['hidden_size']}x{widths['num_hidden_layers']}")
-    train.write_tiny_base(cfg, base)
+    runs.write_tiny_base(cfg, base)
     cfg.model.path = base
-    return train.build_model(cfg, torch.device("cpu")).eval()
+    return unimoer.build_model(cfg, torch.device("cpu")).eval()
 
 
 def make_encoder(name: str, args, tmp: str):
@@ -100,7 +104,7 @@ def make_encoder(name: str, args, tmp: str):
     if name == "qwen3-0.6b":
         return random_unimoer({**QWEN3_06B_WIDTHS, "num_hidden_layers": args.enc_layers}, tmp, args.max_doc_len)
     if os.path.isdir(name):
-        return ev.load_model(name, "cpu", args.max_doc_len)[0]
+        return unimoer.load_model(name, "cpu", args.max_doc_len)[0]
     raise SystemExit(f"unknown encoder {name!r} (bow, tiny, qwen3-0.6b or a run / checkpoint / model directory)")
 
 # --------------------------------------------------------------------------------------------- data
@@ -147,8 +151,8 @@ def bench_search(args) -> None:
     }
     rows, exact = [], None
     for kind in args.kinds.split(","):
-        index, build = timed(lambda: ev.build_index(docs, kind, **kinds[kind]))
-        (_, indices), search_s = timed(lambda: ev.search(index, queries, args.k))
+        index, build = timed(lambda: retrieval.build_index(docs, kind, **kinds[kind]))
+        (_, indices), search_s = timed(lambda: retrieval.search(index, queries, args.k))
         if kind == "flat":
             exact = indices
         recall = (np.mean([len(set(a) & set(e)) / args.k for a, e in zip(indices, exact)])
@@ -182,7 +186,7 @@ def bench_encode(args) -> None:
             doc_ids = [f"d{i}" for i in range(len(texts))]
             with torch.inference_mode():
                 encoder.encode_documents(texts[:args.batch_size], args.batch_size)  # warm-up
-                _, pipeline = timed(lambda: ev.encode_corpus(encoder, doc_ids, texts, args.batch_size,
+                _, pipeline = timed(lambda: retrieval.encode_corpus(encoder, doc_ids, texts, args.batch_size,
                                                              progress=False))
                 _, direct = timed(lambda: [encoder.encode_documents(texts[i:i + args.batch_size], args.batch_size)
                                            for i in range(0, len(texts), args.batch_size)])

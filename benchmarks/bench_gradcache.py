@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import tiny_setup  # noqa: E402
 import train  # noqa: E402
+import config
+import unimoer
 
 
 def saved_bytes(um, chunk: dict) -> int:
@@ -47,10 +49,10 @@ def main() -> None:
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="bench_gradcache-")
     task = tiny_setup.write_synthetic(os.path.join(root, "synthetic"))
-    cfg = train.load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+    cfg = config.load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
                             [f"--data.dir={task}", "--data.synthetic=false", f"--train.out_dir={root}/run"])
     cfg = train.prepare(cfg, 0)
-    um = train.build_model(cfg, torch.device("cpu"))
+    um = unimoer.build_model(cfg, torch.device("cpu"))
     tiny_setup.randomize_lora_B(um, seed=1)
     um.train()
     steps = {ga: tiny_setup.step_chunks(um, task, 0, 16, ga) for ga in (1, 2, 4)}

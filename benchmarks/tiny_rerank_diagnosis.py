@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import moe_lora  # noqa: E402
 import train  # noqa: E402
+import config
+import unimoer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,10 +40,10 @@ def build(args) -> tuple:
             f"--train.out_dir={args.work}", f"--data.dir={args.data}"] + list(args.override)
     if args.base:
         over.append(f"--model.path={args.base}")
-    cfg = train.load_config(os.path.join(REPO, args.config), over)
+    cfg = config.load_config(os.path.join(REPO, args.config), over)
     cfg = train.prepare(cfg, 0)
-    um = train.build_model(cfg, torch.device("cpu"))
-    params = train.trainable_parameters(um)
+    um = unimoer.build_model(cfg, torch.device("cpu"))
+    params = unimoer.trainable_parameters(um)
     if args.params == "full":
         base = [p for n, p in um.base.named_parameters() if "lora_" not in n and "router" not in n]
         for p in base:
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
             g["lr"] = lr
         um.train()
         texts = data.gather_texts(fit, sampler.batch(step))
-        inputs = train.batch_inputs(um, texts, ["rerank"])
+        inputs = unimoer.batch_inputs(um, texts, ["rerank"])
         scores, _ = um.rerank_scores(inputs["pairs"])
         loss = loss_fn(scores, group)
         loss.backward()

@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 import tiny_setup  # puts the repository root on sys.path
 import train
+import config
+import unimoer
 
 GLOBAL_QUERIES = 4
 
@@ -29,8 +31,8 @@ def main(cfg_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = train.load_config(cfg_path)
-    um = train.build_model(cfg, torch.device("cpu"))
+    cfg = config.load_config(cfg_path)
+    um = unimoer.build_model(cfg, torch.device("cpu"))
     tiny_setup.randomize_lora_B(um, seed=1)
     model = torch.nn.parallel.DistributedDataParallel(um, find_unused_parameters=True)
 

@@ -17,6 +17,7 @@ import evaluate
 import moe_lora
 import tiny_setup
 import train
+import ir
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -183,7 +184,7 @@ def runs(tmp_path_factory):
     qrels = evaluate.load_split(task, "dev")[2]
     corpus = sorted(evaluate.load_split(task, "dev")[0])
     cands = {q: {**{d: 1.0 for d in rel}, **{d: 0.5 for d in corpus[:8]}} for q, rel in qrels.items()}
-    evaluate.write_trec_run(str(root / "cands.trec"), cands)
+    ir.write_trec_run(str(root / "cands.trec"), cands)
     return task, paths, str(root / "cands.trec"), root
 
 

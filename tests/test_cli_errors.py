@@ -1,6 +1,6 @@
 """Every CLI answers bad input with one line: the catalogue of bad inputs, each with its expected message.
 
-Each case runs a CLI entry point (train.cli, evaluate.cli, analysis.cli, data.cli: model.run_cli around the
+Each case runs a CLI entry point (train.cli, evaluate.cli, analysis.cli, data.cli, synthetic.cli: model.run_cli around the
 module's main) in-process and must give exit code 2, exactly one line on stderr `<prog>: error: <message>` that
 matches the case's regex, no traceback, and leave an existing run directory byte-identical. The config cases
 point train.out_dir at that run directory, so a check that came after anything was written would show up as
@@ -22,10 +22,11 @@ import pytest
 import analysis
 import data
 import evaluate
+import synthetic
 import tiny_setup
 import train
 from model import run_cli
-from train import ConfigError
+from config import ConfigError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,7 +55,9 @@ def tree_digest(path: str) -> dict:
     return out
 
 
-CLIS = {"train": train.cli, "evaluate": evaluate.cli, "analysis": analysis.cli, "data": data.cli}
+CLIS = {"train": train.cli, "evaluate": evaluate.cli, "analysis": analysis.cli, "data": data.cli,
+        "synthetic": synthetic.cli}
+RUN_FILE = {"run.trec": "q00000 Q0 d00001 1 1.0 tag\n"}  # a TREC run, as evaluate.py writes it
 
 CYCLE_A, CYCLE_B = "base: b.yaml\n", "base: a.yaml\n"
 BAD_TRAIN_LINE = '{"query": "cut off'
@@ -231,15 +234,16 @@ CASES = [
      r"nowhere: data directory not found"),
     # ---- data.py
     ("data/no-command", "data", [], {}, None, r"the following arguments are required: command"),
-    ("data/seed-not-a-number", "data", ["synthetic", "{tmp}/out", "--seed", "abc"], {}, None,
+    ("synthetic/seed-not-a-number", "synthetic", ["{tmp}/out", "--seed", "abc"], {}, None,
      r"argument --seed: invalid int value: 'abc'"),
-    ("data/mine-missing-checkpoint", "data", ["mine", "{tmp}/nowhere", "{task}", "{tmp}/out.jsonl"], {}, None,
-     r"nowhere: no checkpoint here"),
-    ("data/mine-missing-qrels", "data", ["mine", "{run}", "{tmp}/nodata", "{tmp}/out.jsonl"], {}, None,
-     r"nodata/qrels/train\.tsv: file not found"),
-    ("data/mine-bad-window", "data", ["mine", "{run}", "{task}", "{tmp}/out.jsonl", "--window", "5", "2"], {}, None,
-     r"mine: --window FROM TO needs 0 <= FROM < TO \(got 5 2\)$"),
-    ("data/mine-n-neg-0", "data", ["mine", "{run}", "{task}", "{tmp}/out.jsonl", "--n-neg", "0"], {}, None,
+    ("data/mine-missing-run", "data", ["mine", "{tmp}/nowhere.trec", "{task}", "{tmp}/out.jsonl"], {}, None,
+     r"nowhere\.trec: run file not found"),
+    ("data/mine-missing-qrels", "data", ["mine", "{tmp}/run.trec", "{tmp}/nodata", "{tmp}/out.jsonl"], RUN_FILE,
+     None, r"nodata/qrels/train\.tsv: file not found"),
+    ("data/mine-bad-window", "data", ["mine", "{tmp}/run.trec", "{task}", "{tmp}/out.jsonl", "--window", "5", "2"],
+     RUN_FILE, None, r"mine: --window FROM TO needs 0 <= FROM < TO \(got 5 2\)$"),
+    ("data/mine-n-neg-0", "data", ["mine", "{tmp}/run.trec", "{task}", "{tmp}/out.jsonl", "--n-neg", "0"], RUN_FILE,
+     None,
      r"mine: --n-neg must be >= 1 \(got 0\)$"),
 ]
 
@@ -312,7 +316,7 @@ SUBPROCESS_CASES = [
     ("train.py", ["{cfg}", "--router.fn=sparsegenx"], r"^train\.py: error: .*router\.fn: must be one of"),
     ("evaluate.py", ["{tmp}/nowhere"], r"^evaluate\.py: error: .*nowhere: checkpoint not found\n$"),
     ("analysis.py", ["routing", "{tmp}/nowhere"], r"^analysis\.py: error: .*nowhere: no checkpoint here"),
-    ("data.py", ["synthetic"], r"^data\.py: error: the following arguments are required: out_dir"),
+    ("synthetic.py", [], r"^synthetic\.py: error: the following arguments are required: out_dir"),
 ]
 
 

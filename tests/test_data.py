@@ -10,6 +10,8 @@ import pytest
 import data
 from data import DataError
 import tiny_setup
+import config
+import synthetic
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -72,7 +74,7 @@ def ndcg10(scores, doc_ids, qids, qrels):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("synth") / "s0")
-    data.make_synthetic(d, seed=0)
+    synthetic.make_synthetic(d, seed=0)
     return d
 
 
@@ -181,26 +183,26 @@ def test_read_triples_tsv_merges_negatives_of_same_query_and_positive(tmp_path):
 
 # --------------------------------------------------------------------------------------------- templates
 def test_embedding_query_template_is_qwen3_embedding_format():
-    assert data.EMBED_INSTRUCTION == "Given a web search query, retrieve relevant passages that answer the query"
-    assert data.format_query("what is x") == ("Instruct: Given a web search query, retrieve relevant passages that "
+    assert config.EMBED_INSTRUCTION == "Given a web search query, retrieve relevant passages that answer the query"
+    assert config.format_query("what is x") == ("Instruct: Given a web search query, retrieve relevant passages that "
                                               "answer the query\nQuery:what is x")
-    assert data.format_query("q", "Find it") == "Instruct: Find it\nQuery:q"
+    assert config.format_query("q", "Find it") == "Instruct: Find it\nQuery:q"
 
 
 def test_rerank_template_is_qwen3_reranker_format():
-    assert data.RERANK_INSTRUCTION == data.EMBED_INSTRUCTION
-    assert data.RERANK_PREFIX == (
+    assert config.RERANK_INSTRUCTION == config.EMBED_INSTRUCTION
+    assert config.RERANK_PREFIX == (
         "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
         "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
-    assert data.RERANK_SUFFIX == "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    assert data.format_rerank_pair("q", "d", "I") == "<Instruct>: I\n<Query>: q\n<Document>: d"
-    assert data.format_rerank_pair("q", "d").startswith(f"<Instruct>: {data.RERANK_INSTRUCTION}\n")
+    assert config.RERANK_SUFFIX == "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert config.format_rerank_pair("q", "d", "I") == "<Instruct>: I\n<Query>: q\n<Document>: d"
+    assert config.format_rerank_pair("q", "d").startswith(f"<Instruct>: {config.RERANK_INSTRUCTION}\n")
 
 
 # --------------------------------------------------------------------------------------------- synthetic task
 def test_synthetic_same_seed_gives_identical_bytes(synth, tmp_path):
     again = str(tmp_path / "again")
-    data.make_synthetic(again, seed=0)
+    synthetic.make_synthetic(again, seed=0)
     files = tiny_setup.read_tree(synth)
     assert sorted(files) == sorted(["corpus.jsonl", "queries.jsonl", "train.jsonl", "tokenizer.json", "lexicon.json",
                                     "tokenizer_config.json"] + [os.path.join("qrels", f"{s}.tsv")
@@ -210,7 +212,7 @@ def test_synthetic_same_seed_gives_identical_bytes(synth, tmp_path):
 
 def test_synthetic_different_seed_differs(synth, tmp_path):
     other = str(tmp_path / "other")
-    data.make_synthetic(other, seed=1)
+    synthetic.make_synthetic(other, seed=1)
     a, b = tiny_setup.read_tree(synth), tiny_setup.read_tree(other)
     for name in ("corpus.jsonl", "queries.jsonl", "train.jsonl"):
         assert a[name] != b[name]
@@ -279,7 +281,7 @@ def test_synthetic_tokenizer_round_trips_templates_with_single_token_yes_no(synt
     raw = tok.tok
     doc = data.doc_text(next(iter(data.load_corpus(synth).values())))
     query = next(iter(data.load_queries(synth).values()))
-    texts = [data.RERANK_PREFIX + data.format_rerank_pair(query, doc) + data.RERANK_SUFFIX, data.format_query(query),
+    texts = [config.RERANK_PREFIX + config.format_rerank_pair(query, doc) + config.RERANK_SUFFIX, config.format_query(query),
              doc, "yes", "no"]
     for text in texts:
         ids = raw.encode(text).ids
@@ -287,7 +289,7 @@ def test_synthetic_tokenizer_round_trips_templates_with_single_token_yes_no(synt
     assert len(raw.encode("yes").ids) == 1 and raw.token_to_id("yes") is not None
     assert len(raw.encode("no").ids) == 1 and raw.token_to_id("no") is not None
     assert tok.eos_id == tok.pad_id == raw.token_to_id("<|endoftext|>")
-    prefix_ids = raw.encode(data.RERANK_PREFIX).ids
+    prefix_ids = raw.encode(config.RERANK_PREFIX).ids
     assert prefix_ids[0] == raw.token_to_id("<|im_start|>") and raw.token_to_id("<|im_end|>") in prefix_ids
     assert 500 <= tok.vocab_size <= 2000
 

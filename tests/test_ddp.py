@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 
 import tiny_setup
 import train
+import config
+import runs
+import unimoer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 240  # seconds per torchrun launch; a hung collective fails the test instead of hanging the suite
@@ -42,8 +45,8 @@ def task(tmp_path_factory):
 def base_dir(task, tmp_path_factory):
     """The tiny random base written once, so the workers and the reference load the very same weights."""
     root = tmp_path_factory.mktemp("ddp_base")
-    cfg = train.load_config(tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "unused")))
-    train.write_tiny_base(cfg, str(root / "base"))
+    cfg = config.load_config(tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "unused")))
+    runs.write_tiny_base(cfg, str(root / "base"))
     return str(root / "base")
 
 
@@ -83,8 +86,8 @@ def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenat
     # them (one forward per slice: the same padding, hence the same fp32 rounding), so the comparison isolates
     # the loss and DDP's gradient averaging; a forward over the whole batch pads differently and moves gradients
     # of size ~5 by a few 1e-6 (padding invariance itself is test_train.py's business, at 1e-5).
-    cfg = train.load_config(cfg_path)
-    um = train.build_model(cfg, torch.device("cpu"))
+    cfg = config.load_config(cfg_path)
+    um = unimoer.build_model(cfg, torch.device("cpu"))
     tiny_setup.randomize_lora_B(um, seed=1)
     queries, docs = tiny_setup.fixed_batch(task, 4, cfg.data.n_neg)
     b, g = 2, 1 + cfg.data.n_neg
@@ -112,8 +115,8 @@ def test_a_ddp_step_with_global_aux_losses_equals_one_process_on_the_concatenate
     # the all-reduced statistics reproduce (per-rank "step" balancing gives 0.478 here against 0.559).
     cfg_path, out = worker
     ranks = [torch.load(out / f"rank{r}.{chunks}chunk.pt", weights_only=True) for r in (0, 1)]
-    cfg = train.load_config(cfg_path)
-    um = train.build_model(cfg, torch.device("cpu"))
+    cfg = config.load_config(cfg_path)
+    um = unimoer.build_model(cfg, torch.device("cpu"))
     tiny_setup.randomize_lora_B(um, seed=1)
     um.train()
     _, logs = train.forward_backward(um, um, tiny_setup.step_chunks(um, cfg.data.dir, 0, 4, 1), cfg,
@@ -148,8 +151,8 @@ def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task,
     train.main([cfg_path, f"--train.out_dir={one_dir}"])
 
     assert open(os.path.join(ddp_dir, "latest")).read().strip() == "checkpoint-000004"
-    ddp = load_file(os.path.join(train.checkpoint_dir(ddp_dir), "adapters.safetensors"))
-    one = load_file(os.path.join(train.checkpoint_dir(one_dir), "adapters.safetensors"))
+    ddp = load_file(os.path.join(unimoer.checkpoint_dir(ddp_dir), "adapters.safetensors"))
+    one = load_file(os.path.join(unimoer.checkpoint_dir(one_dir), "adapters.safetensors"))
     assert ddp.keys() == one.keys()
     # Up to fp32 rounding, which Adam amplifies in one place: an entry whose gradient is ~1e-8 (Adam's eps) moves
     # by lr * g / (|g| + eps), so rounding noise of ~1e-10 in it (the ranks pad their batches to other lengths)
@@ -170,7 +173,7 @@ def test_a_locked_run_dir_stops_every_rank_with_one_error_line_instead_of_hangin
     out = str(tmp_path / "run")
     os.makedirs(out)
     cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, out)
-    held = train.RunLock(out, ["another run"])  # the holder: this test process
+    held = runs.RunLock(out, ["another run"])  # the holder: this test process
     held.claim()
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -1,4 +1,4 @@
-"""The self-hit rule as a switch: evaluate.resolve_drop_self ("auto" | "on" | "off"), evaluate_checkpoint and
+"""The self-hit rule as a switch: ir.resolve_drop_self ("auto" | "on" | "off"), evaluate_checkpoint and
 the CLI's --drop-self (recorded in metrics.json), and training's dev evaluation (always "auto").
 
 auto drops a retrieved document whose id equals the query id only where the queries are corpus documents
@@ -12,9 +12,11 @@ import shutil
 import pytest
 
 import data
+import evaluate
 import evaluate as ev
+import ir
 import tiny_setup
-import train
+import unimoer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,44 +29,44 @@ def test_auto_drops_where_the_query_is_its_document_arguana_style():
     # ArguAna: the query is the argument's text; the corpus document is title + " " + that text, same id.
     queries = {"test-env-pro02b": "Being vegetarian  reduces risks"}
     corpus = {"test-env-pro02b": "Vegetarianism Being vegetarian reduces risks", "other": "meat"}
-    assert ev.resolve_drop_self("auto", queries, corpus) is True
+    assert ir.resolve_drop_self("auto", queries, corpus) is True
 
 
 def test_auto_drops_on_quora_although_its_ids_are_numbers():
     queries = {"1": "How do I learn Python?"}
     corpus = {"1": "How do I learn Python?", "2": "What is Java?"}
-    assert ev.resolve_drop_self("auto", queries, corpus) is True
+    assert ir.resolve_drop_self("auto", queries, corpus) is True
 
 
 def test_auto_drops_where_the_query_is_its_document_title_cqadupstack_style():
     queries = {"123": "Merge two dicts"}
     corpus = {"123": "Merge two dicts How can I merge two dictionaries in one expression?"}
-    assert ev.resolve_drop_self("auto", queries, corpus) is True
+    assert ir.resolve_drop_self("auto", queries, corpus) is True
 
 
 def test_auto_keeps_documents_whose_numeric_id_merely_equals_a_query_id_cranfield_style():
     queries = {"1": "what similarity laws must be obeyed", "2": "what are the structural loads"}
     corpus = {"1": "experimental investigation of the aerodynamics of a wing", "2": "simple shear flow past a plate"}
-    assert ev.resolve_drop_self("auto", queries, corpus) is False
+    assert ir.resolve_drop_self("auto", queries, corpus) is False
 
 
 def test_auto_keeps_everything_when_no_query_id_is_a_document_id():
-    assert ev.resolve_drop_self("auto", {"q1": "a b"}, {"d1": "a b"}) is False
+    assert ir.resolve_drop_self("auto", {"q1": "a b"}, {"d1": "a b"}) is False
 
 
 def test_an_empty_query_matches_no_document():
-    assert ev.resolve_drop_self("auto", {"1": "  "}, {"1": "anything"}) is False
+    assert ir.resolve_drop_self("auto", {"1": "  "}, {"1": "anything"}) is False
 
 
 @pytest.mark.parametrize("mode,expected", [("on", True), ("off", False)])
 def test_on_and_off_ignore_the_data(mode, expected):
-    assert ev.resolve_drop_self(mode, {"1": "x"}, {"1": "y"}) is expected
-    assert ev.resolve_drop_self(mode, {"1": "x"}, {"1": "x"}) is expected
+    assert ir.resolve_drop_self(mode, {"1": "x"}, {"1": "y"}) is expected
+    assert ir.resolve_drop_self(mode, {"1": "x"}, {"1": "x"}) is expected
 
 
 def test_an_unknown_mode_is_an_error():
-    with pytest.raises(ev.EvalError, match="drop_self must be one of auto, on, off, got 'yes'"):
-        ev.resolve_drop_self("yes", {}, {})
+    with pytest.raises(ir.EvalError, match="drop_self must be one of auto, on, off, got 'yes'"):
+        ir.resolve_drop_self("yes", {}, {})
 
 
 # --------------------------------------------------------------------------------------------- the pipeline
@@ -76,7 +78,7 @@ def run(tmp_path_factory):
     cfg, _ = tiny_setup.finished_run(str(root), task)
     selfish = str(root / "selfish")
     shutil.copytree(task, selfish)
-    qid = sorted(ev.judged_queries(data.load_qrels(task, "test")))[0]
+    qid = sorted(ir.judged_queries(data.load_qrels(task, "test")))[0]
     with open(os.path.join(selfish, "corpus.jsonl"), "a") as f:  # the query, as a document under its own id
         f.write(json.dumps({"_id": qid, "title": "", "text": data.load_queries(task)[qid]}) + "\n")
     return task, str(root / "run"), selfish, qid
@@ -89,7 +91,7 @@ def test_the_switch_reaches_the_retrieval_run_and_metrics_json(run, tmp_path, mo
     n_docs = len(data.load_corpus(selfish))
     assert ev.cli([ckpt, "--data", selfish, "--k-retrieve", str(n_docs), "--k-rerank", "2", "--max-queries", "1",
                    "--out", str(out), "--drop-self", mode, "--device", "cpu"]) == 0
-    retrieved = ev.read_trec_run(str(out / "run.retrieval.trec"))[qid]
+    retrieved = ir.read_trec_run(str(out / "run.retrieval.trec"))[qid]
     assert (qid not in retrieved) is dropped
     assert len(retrieved) == n_docs - dropped  # every document retrieved, the self-hit alone left out
     prov = json.load(open(out / "metrics.json"))["provenance"]
@@ -104,12 +106,12 @@ def test_auto_keeps_everything_on_the_synthetic_task(run, tmp_path):
 
 def test_training_dev_evaluation_drops_self_hits_by_the_auto_rule(run):
     _, ckpt, _, _ = run
-    um = train.load_run(ckpt)
+    um = unimoer.load_run(ckpt)
     um.cfg.train.rerank_topk = 2
     corpus = {f"d{i}": f"document number {i} about field data" for i in range(10)}
     corpus["x"] = "what is the stage of the group"
     # Query "x" is document "x" (same id, same text): auto drops it, so its only relevant document is gone.
-    selfish = train.dev_evaluate(um, (corpus, {"x": corpus["x"]}, {"x": {"x": 1}}), um.cfg)
+    selfish = evaluate.dev_evaluate(um, (corpus, {"x": corpus["x"]}, {"x": {"x": 1}}), um.cfg)
     # The same query under another id: the document is retrieved (all 11 are within the top 100).
-    control = train.dev_evaluate(um, (corpus, {"qx": corpus["x"]}, {"qx": {"x": 1}}), um.cfg)
+    control = evaluate.dev_evaluate(um, (corpus, {"qx": corpus["x"]}, {"qx": {"x": 1}}), um.cfg)
     assert selfish["emb_recall@100"] == 0.0 and control["emb_recall@100"] == 1.0

@@ -18,10 +18,14 @@ import pytest
 import pytrec_eval
 import torch
 
+import config
 import data
 import evaluate as ev
+import ir
+import retrieval
 import tiny_setup
 import train
+import unimoer
 from model import load_pretrained, load_tokenizer
 
 K_RERANK = 5
@@ -57,14 +61,14 @@ def evaluated(run, task, tmp_path_factory):
 
 def judged_test_qrels(task):
     qrels = data.load_qrels(task, "test")
-    return {q: qrels[q] for q in ev.judged_queries(qrels)}
+    return {q: qrels[q] for q in ir.judged_queries(qrels)}
 
 
 def bare_base(path):
-    """The plain base as evaluate.py's baseline must serve it: no experts, train.Config() defaults."""
-    cfg = train.Config()
+    """The plain base as evaluate.py's baseline must serve it: no experts, config.Config() defaults."""
+    cfg = config.Config()
     cfg.model.path = path
-    return train.UniMoER(load_pretrained(path), load_tokenizer(path), cfg).eval()
+    return unimoer.UniMoER(load_pretrained(path), load_tokenizer(path), cfg).eval()
 
 
 def load_json(path):
@@ -91,8 +95,8 @@ def test_two_stage_evaluation_of_a_tiny_checkpoint_writes_metrics_runs_and_per_q
         per_query = result["per_query"][stage].values()
         for name in STAGE_METRICS:  # each mean is the mean of the per-query values
             assert metrics[stage][name] == pytest.approx(np.mean([v[name] for v in per_query]))
-    two_stage = ev.read_trec_run(os.path.join(out, "run.two_stage.trec"))
-    dense = ev.read_trec_run(os.path.join(out, "run.retrieval.trec"))
+    two_stage = ir.read_trec_run(os.path.join(out, "run.two_stage.trec"))
+    dense = ir.read_trec_run(os.path.join(out, "run.retrieval.trec"))
     assert all(set(two_stage[q]) == set(dense[q]) and len(dense[q]) == 100 for q in dense)
     assert metrics["two_stage"]["recall@100"] == metrics["retrieval"]["recall@100"]  # the same 100, reordered
 
@@ -100,7 +104,7 @@ def test_two_stage_evaluation_of_a_tiny_checkpoint_writes_metrics_runs_and_per_q
 def test_run_files_read_back_give_the_metrics_json_figures(evaluated, task):
     result, out = evaluated
     for stage in ("retrieval", "two_stage"):
-        again = ev.evaluate_run(judged_test_qrels(task), ev.read_trec_run(os.path.join(out, f"run.{stage}.trec")))
+        again = ir.evaluate_run(judged_test_qrels(task), ir.read_trec_run(os.path.join(out, f"run.{stage}.trec")))
         assert {k: again[k] for k in STAGE_METRICS} == result[stage]
         assert again["per_query"] == result["per_query"][stage]
 
@@ -110,7 +114,7 @@ def test_metrics_json_ndcg_equals_pytrec_eval_over_the_written_run_file(evaluate
     metrics = load_json(os.path.join(out, "metrics.json"))
     evaluator = pytrec_eval.RelevanceEvaluator(data.load_qrels(task, "test"), {"ndcg_cut_10", "recall_100"})
     for stage in ("retrieval", "two_stage"):
-        per_query = evaluator.evaluate(ev.read_trec_run(os.path.join(out, f"run.{stage}.trec")))
+        per_query = evaluator.evaluate(ir.read_trec_run(os.path.join(out, f"run.{stage}.trec")))
         assert len(per_query) == metrics["num_queries"]
         assert metrics[stage]["ndcg@10"] == pytest.approx(np.mean([v["ndcg_cut_10"] for v in per_query.values()]),
                                                           abs=1e-12)
@@ -141,14 +145,14 @@ def test_a_plain_model_directory_is_evaluated_as_the_bare_base(run, task, tmp_pa
     base_dir = os.path.join(run, "base")  # config.json + model.safetensors + tokenizer, no adapters
     result = ev.evaluate_checkpoint(base_dir, task, "test", k_rerank=K_RERANK, out_dir=str(tmp_path), progress=False)
     assert result["provenance"]["mode"] == "base (no adapters)" and result["provenance"]["adapters_sha256"] is None
-    # train.Config()'s default templates and lengths, not the run's
-    assert result["provenance"]["embed_instruction"] == data.EMBED_INSTRUCTION
+    # config.Config()'s default templates and lengths, not the run's
+    assert result["provenance"]["embed_instruction"] == config.EMBED_INSTRUCTION
     assert result["provenance"]["max_lengths"] == {"query": 64, "doc": 128, "pair": 256}
     corpus = {k: data.doc_text(v) for k, v in data.load_corpus(task).items()}
     queries = {q: data.load_queries(task)[q] for q in sorted(judged_test_qrels(task))}  # as load_split orders them
-    dense, reranked = ev.two_stage(bare_base(base_dir), queries, corpus, k_rerank=K_RERANK, progress=False)
-    assert ev.read_trec_run(str(tmp_path / "run.retrieval.trec")) == dense
-    assert ev.read_trec_run(str(tmp_path / "run.two_stage.trec")) == reranked
+    dense, reranked = retrieval.two_stage(bare_base(base_dir), queries, corpus, k_rerank=K_RERANK, progress=False)
+    assert ir.read_trec_run(str(tmp_path / "run.retrieval.trec")) == dense
+    assert ir.read_trec_run(str(tmp_path / "run.two_stage.trec")) == reranked
 
 
 def test_cli_overrides_configure_a_plain_model_directory(run, task, tmp_path, capsys):
@@ -158,18 +162,18 @@ def test_cli_overrides_configure_a_plain_model_directory(run, task, tmp_path, ca
                     "--data.append_eos=false", "--data.max_query_len=20"]) == 0
     prov = load_json(str(tmp_path / "metrics.json"))["provenance"]
     assert prov["max_lengths"]["query"] == 20
-    um, _ = ev.load_model(base_dir, overrides=["--data.append_eos=false"])
+    um, _ = unimoer.load_model(base_dir, overrides=["--data.append_eos=false"])
     assert um.tokens_documents(["ruke"])["input_ids"][0, -1].item() != um.tok.eos_id
 
 
 def test_config_overrides_on_a_run_are_one_clear_error(run):
-    with pytest.raises(ev.EvalError, match="own config.yaml"):
-        ev.load_model(run, overrides=["--data.append_eos=false"])
+    with pytest.raises(ir.EvalError, match="own config.yaml"):
+        unimoer.load_model(run, overrides=["--data.append_eos=false"])
 
 
 def test_an_unknown_override_key_is_one_config_error_naming_it(run):
-    with pytest.raises(train.ConfigError, match="append_eoss"):
-        ev.load_model(os.path.join(run, "base"), overrides=["--data.append_eoss=false"])
+    with pytest.raises(config.ConfigError, match="append_eoss"):
+        unimoer.load_model(os.path.join(run, "base"), overrides=["--data.append_eoss=false"])
 
 
 def test_reranker_option_reranks_the_first_stage_with_the_second_model(run, task, evaluated, tmp_path):
@@ -177,12 +181,12 @@ def test_reranker_option_reranks_the_first_stage_with_the_second_model(run, task
     result = ev.evaluate_checkpoint(run, task, "test", k_rerank=K_RERANK, reranker=base_dir, out_dir=str(tmp_path),
                                     progress=False)
     _, alone = evaluated
-    dense = ev.read_trec_run(str(tmp_path / "run.retrieval.trec"))
-    assert dense == ev.read_trec_run(os.path.join(alone, "run.retrieval.trec"))  # first stage: the checkpoint
+    dense = ir.read_trec_run(str(tmp_path / "run.retrieval.trec"))
+    assert dense == ir.read_trec_run(os.path.join(alone, "run.retrieval.trec"))  # first stage: the checkpoint
     corpus = {k: data.doc_text(v) for k, v in data.load_corpus(task).items()}
     queries = data.load_queries(task)
-    want = ev.rerank(bare_base(base_dir), queries, corpus, dense, K_RERANK, progress=False)
-    assert ev.read_trec_run(str(tmp_path / "run.two_stage.trec")) == want  # second stage: the other model
+    want = retrieval.rerank(bare_base(base_dir), queries, corpus, dense, K_RERANK, progress=False)
+    assert ir.read_trec_run(str(tmp_path / "run.two_stage.trec")) == want  # second stage: the other model
     assert result["provenance"]["reranker"]["path"] == os.path.abspath(base_dir)
     costs = result["costs"]
     assert costs["params_reranker"]["unified_bytes"] == costs["params"]["base_bytes"]
@@ -197,17 +201,17 @@ def test_candidates_are_reranked_and_scored_as_their_own_stages(run, task, evalu
     assert got["runs"]["rerank"] == "run.rerank.trec"
     assert got["candidates"] == result["retrieval"]
     assert got["rerank"] == result["two_stage"]  # the same candidates reranked by the same model
-    assert ev.read_trec_run(str(tmp_path / "run.rerank.trec")) == ev.read_trec_run(
+    assert ir.read_trec_run(str(tmp_path / "run.rerank.trec")) == ir.read_trec_run(
         os.path.join(out, "run.two_stage.trec"))
     assert got["provenance"]["candidates"] == os.path.abspath(candidates)
     assert got["costs"]["latency"]["rerank_pairs_per_query"] == K_RERANK
 
 
 def test_max_doc_len_truncates_documents_in_both_stages(run):
-    um, _ = ev.load_model(run, max_doc_len=8)
+    um, _ = unimoer.load_model(run, max_doc_len=8)
     long_doc = " ".join(["tova ku rune"] * 50)
     assert um.tokens_documents([long_doc])["input_ids"].shape[1] == 8
-    frame = um.tok.encode_ids([data.format_rerank_pair("", "", um.cfg.data.rerank_instruction)], 10**9,
+    frame = um.tok.encode_ids([config.format_rerank_pair("", "", um.cfg.data.rerank_instruction)], 10**9,
                               add_special_tokens=False)[0]
     budget = len(um.prefix_ids) + len(um.suffix_ids) + len(frame) + um.cfg.data.max_query_len + 8
     assert um.cfg.data.max_pair_len == budget  # template + instruction + max_query_len + 8 document tokens
@@ -219,7 +223,7 @@ def test_costs_count_the_base_once_unified_and_twice_for_two_separate_models(run
 
     params = evaluated[0]["costs"]["params"]
     base = sum(t.numel() * t.element_size() for t in load_file(os.path.join(run, "base", "model.safetensors")).values())
-    adapters = load_file(os.path.join(train.checkpoint_dir(run), "adapters.safetensors"))
+    adapters = load_file(os.path.join(unimoer.checkpoint_dir(run), "adapters.safetensors"))
     assert params["base_bytes"] == base
     assert params["unified_bytes"] == base + sum(t.numel() * 4 for t in adapters.values())
     e = params["experts_bytes"]
@@ -239,7 +243,7 @@ def test_costs_count_the_base_once_unified_and_twice_for_two_separate_models(run
 def test_a_missing_checkpoint_file_is_one_clear_error_naming_it(run, tmp_path, missing):
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
-    ckpt = train.checkpoint_dir(copy)
+    ckpt = unimoer.checkpoint_dir(copy)
     os.remove(os.path.join(copy, "latest") if missing == "latest" else os.path.join(ckpt, missing))
     for path in [copy] if missing == "latest" else [copy, ckpt]:  # the run directory and the checkpoint itself
         with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
@@ -249,7 +253,7 @@ def test_a_missing_checkpoint_file_is_one_clear_error_naming_it(run, tmp_path, m
 def test_cli_error_is_one_line_on_stderr_with_exit_code_2(run, tmp_path, capsys):
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
-    os.remove(os.path.join(train.checkpoint_dir(copy), "adapters.safetensors"))
+    os.remove(os.path.join(unimoer.checkpoint_dir(copy), "adapters.safetensors"))
     assert ev.cli([copy]) == 2  # the CLI's error path (model.run_cli); ev.main raises
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
@@ -262,7 +266,7 @@ def test_a_wrong_data_path_is_one_clear_error(run, tmp_path):
 
 
 def test_a_plain_model_directory_needs_data(run):
-    with pytest.raises(ev.EvalError, match="pass --data"):
+    with pytest.raises(ir.EvalError, match="pass --data"):
         ev.evaluate_checkpoint(os.path.join(run, "base"), write=False, progress=False)
 
 
@@ -272,7 +276,7 @@ def test_a_malformed_candidate_run_names_the_file(run, task, tmp_path, line, mes
     qid = sorted(judged_test_qrels(task))[0]
     bad = tmp_path / "bad.trec"
     bad.write_text(f"{qid} Q0 d00001 1 1.0 x\n" + line.replace("Q ", qid + " "))
-    with pytest.raises(ev.EvalError, match=message):
+    with pytest.raises(ir.EvalError, match=message):
         ev.evaluate_checkpoint(run, task, "test", candidates=str(bad), write=False, progress=False)
 
 
@@ -282,10 +286,11 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 import evaluate
+import unimoer
 
 torch.set_num_threads(1)
 counts = {{"documents": 0, "pairs": 0}}
-load_model = evaluate.load_model
+load_model = unimoer.load_model
 
 def counting_load_model(*args, **kwargs):  # count what this rank encodes and scores
     um, info = load_model(*args, **kwargs)
@@ -299,7 +304,7 @@ def counting_load_model(*args, **kwargs):  # count what this rank encodes and sc
     um.encode_documents, um.score_pairs = encode, score
     return um, info
 
-evaluate.load_model = counting_load_model
+evaluate.load_model = counting_load_model  # where evaluate_checkpoint looks it up
 ckpt, data_dir, out = sys.argv[1:4]
 result = evaluate.evaluate_checkpoint(ckpt, data_dir, "test", k_rerank={k}, batch_size=16, out_dir=out, progress=False)
 with open(out + ".rank" + os.environ["RANK"] + ".json", "w") as f:
@@ -347,7 +352,7 @@ class PromptType(enum.Enum):  # as mteb passes it (mteb.encoder_interface.Prompt
 
 @pytest.fixture(scope="module")
 def mteb_encoder(run):
-    return ev.MTEBEncoder(run)
+    return unimoer.MTEBEncoder(run)
 
 
 TEXTS = ["tova ku rune", "what is the largest of the many data units found near the field", "x"]
@@ -376,12 +381,12 @@ def test_mteb_encoder_prompt_type_switches_between_query_and_document_formats(mt
         close(mteb_encoder.encode(TEXTS, prompt_type=prompt_type), doc)
     # a BEIR-style {"title", "text"} document is joined as the loaders join it
     close(mteb_encoder.encode([{"title": "tova", "text": "ku rune"}]), doc[:1])
-    with pytest.raises(ev.EvalError, match="prompt_type"):
+    with pytest.raises(ir.EvalError, match="prompt_type"):
         mteb_encoder.encode(TEXTS, prompt_type="summary")
 
 
 def test_mteb_encoder_task_instruction_changes_queries_only(run):
-    enc = ev.MTEBEncoder(run, task_instructions={"SciFact": "Retrieve evidence for the claim"})
+    enc = unimoer.MTEBEncoder(run, task_instructions={"SciFact": "Retrieve evidence for the claim"})
     plain = enc.encode(TEXTS, task_name="Other", prompt_type="query")
     close(plain, enc.model.encode_queries(TEXTS))
     assert not np.allclose(enc.encode(TEXTS, task_name="SciFact", prompt_type="query"), plain, atol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+import config
 
 
 def lse(xs):
@@ -83,7 +84,7 @@ def outputs(with_q=True, with_scores=True):
 
 
 def weighted_config(rerank_loss="bce"):
-    cfg = train.Config()
+    cfg = config.Config()
     t = cfg.train
     t.temperature, t.emb_weight, t.rank_weight, t.rerank_loss = TEMPERATURE, 0.5, 2.0, rerank_loss
     t.aux_weights = {"load_balance": 0.1, "z_loss": 0.01}  # entropy is not listed: weight 0, logged anyway

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-import evaluate as ev
+import ir
+import retrieval
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -38,7 +39,7 @@ def pytrec_reference(qrels, run):
     recip_rank on the run cut to its top 10 under trec_eval's order (pytrec_eval re-sorts what it gets)."""
     measures = {"ndcg_cut_10", "ndcg_cut_3", "recall_100", "recall_5", "map_cut_100", "map_cut_5"}
     full = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-    top10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(ev.truncate_run(run, 10))
+    top10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(ir.truncate_run(run, 10))
     names = {"ndcg_cut_10": "ndcg@10", "ndcg_cut_3": "ndcg@3", "recall_100": "recall@100", "recall_5": "recall@5",
              "map_cut_100": "map@100", "map_cut_5": "map@5"}
     return {qid: {**{names[m]: v for m, v in values.items()}, "mrr@10": top10[qid]["recip_rank"]}
@@ -89,7 +90,7 @@ def clustered(n, d, n_clusters, seed, noise=0.3):
 def test_per_query_metrics_match_pytrec_eval_with_ties(seed):
     qrels, run = random_qrels_and_run(seed)
     ref = pytrec_reference(qrels, run)
-    ours = ev.evaluate_run(qrels, run, missing="skip", **KS)["per_query"]
+    ours = ir.evaluate_run(qrels, run, missing="skip", **KS)["per_query"]
     assert set(ours) == {q for q in ref if any(g > 0 for g in qrels[q].values())}
     for qid, values in ours.items():
         for name, value in values.items():
@@ -101,7 +102,7 @@ def test_mean_matches_pytrec_eval_over_judged_queries_in_run(seed):
     qrels, run = random_qrels_and_run(seed)
     ref = pytrec_reference(qrels, run)
     judged_in_run = [q for q in ref if any(g > 0 for g in qrels[q].values())]
-    ours = ev.evaluate_run(qrels, run, missing="skip", **KS)
+    ours = ir.evaluate_run(qrels, run, missing="skip", **KS)
     assert ours["num_queries"] == len(judged_in_run)
     for name in ("ndcg@10", "ndcg@3", "mrr@10", "recall@100", "recall@5", "map@100", "map@5"):
         assert ours[name] == pytest.approx(np.mean([ref[q][name] for q in judged_in_run]), abs=1e-9)
@@ -111,12 +112,12 @@ def test_ties_broken_by_doc_id_descending_like_trec_eval():
     # Four tied documents, one relevant: trec_eval ranks "d" > "c" > "b" > "a", so "a" is 4th.
     qrels = {"q": {"a": 1}}
     run = {"q": {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}}
-    assert ev.rank_documents(run["q"]) == ["d", "c", "b", "a"]
-    assert ev.evaluate_run(qrels, run)["mrr@10"] == 0.25
+    assert ir.rank_documents(run["q"]) == ["d", "c", "b", "a"]
+    assert ir.evaluate_run(qrels, run)["mrr@10"] == 0.25
     assert pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)["q"]["recip_rank"] == 0.25
     # Byte order: "a" > "B" and "d9" > "d10".
-    assert ev.rank_documents({"B": 0.0, "a": 0.0}) == ["a", "B"]
-    assert ev.rank_documents({"d10": 0.0, "d9": 0.0}) == ["d9", "d10"]
+    assert ir.rank_documents({"B": 0.0, "a": 0.0}) == ["a", "B"]
+    assert ir.rank_documents({"d10": 0.0, "d9": 0.0}) == ["d9", "d10"]
 
 
 def test_result_does_not_depend_on_run_insertion_order():
@@ -127,12 +128,12 @@ def test_result_does_not_depend_on_run_insertion_order():
         items = list(run[qid].items())
         rng.shuffle(items)
         shuffled[qid] = dict(items)
-    a, b = ev.evaluate_run(qrels, run, **KS), ev.evaluate_run(qrels, shuffled, **KS)
+    a, b = ir.evaluate_run(qrels, run, **KS), ir.evaluate_run(qrels, shuffled, **KS)
     assert a == b
 
 
 def test_scores_differing_by_1e_12_do_not_tie():
-    assert ev.rank_documents({"a": 1.0, "b": 1.0 + 1e-12}) == ["b", "a"]
+    assert ir.rank_documents({"a": 1.0, "b": 1.0 + 1e-12}) == ["b", "a"]
 
 
 def test_ndcg_uses_linear_gain_and_ideal_from_judged_grades():
@@ -141,14 +142,14 @@ def test_ndcg_uses_linear_gain_and_ideal_from_judged_grades():
     run = {"q": {"r2": 3.0, "n": 2.0, "r1": 1.0}}
     dcg = 2 / np.log2(2) + 1 / np.log2(4)
     idcg = 3 / np.log2(2) + 2 / np.log2(3) + 1 / np.log2(4)
-    assert ev.evaluate_run(qrels, run)["ndcg@10"] == pytest.approx(dcg / idcg, abs=1e-12)
+    assert ir.evaluate_run(qrels, run)["ndcg@10"] == pytest.approx(dcg / idcg, abs=1e-12)
 
 
 def test_negative_grades_count_as_zero_gain_like_trec_eval():
     qrels = {"q": {"a": -1, "b": 2, "c": 1}}
     run = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "ndcg_cut_1", "map_cut_10"}).evaluate(run)["q"]
-    ours = ev.evaluate_run(qrels, run, k_ndcg=(10, 1), k_map=(10,))
+    ours = ir.evaluate_run(qrels, run, k_ndcg=(10, 1), k_map=(10,))
     assert ours["ndcg@1"] == ref["ndcg_cut_1"] == 0.0
     assert ours["ndcg@10"] == pytest.approx(ref["ndcg_cut_10"], abs=1e-12)
     assert ours["map@10"] == pytest.approx(ref["map_cut_10"], abs=1e-12)
@@ -157,10 +158,10 @@ def test_negative_grades_count_as_zero_gain_like_trec_eval():
 def test_msmarco_denominator_counts_judged_queries_missing_from_run_as_zero():
     qrels = {"q1": {"a": 1}, "q2": {"b": 1}, "q3": {"c": 1}, "q4": {"d": 0}}  # q4: no relevant doc, not judged
     run = {"q1": {"a": 1.0, "x": 0.5}, "q2": {"y": 1.0, "b": 0.5}, "q4": {"d": 1.0}}
-    zero = ev.evaluate_run(qrels, run, missing="zero")
+    zero = ir.evaluate_run(qrels, run, missing="zero")
     assert zero["mrr@10"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert zero["num_queries"] == 3 and zero["per_query"]["q3"]["mrr@10"] == 0.0
-    skip = ev.evaluate_run(qrels, run, missing="skip")
+    skip = ir.evaluate_run(qrels, run, missing="skip")
     assert skip["mrr@10"] == pytest.approx((1 + 0.5) / 2)
     assert skip["num_queries"] == 2
 
@@ -168,31 +169,31 @@ def test_msmarco_denominator_counts_judged_queries_missing_from_run_as_zero():
 def test_mrr_ignores_relevant_documents_below_k():
     qrels = {"q": {"rel": 1}}
     run = {"q": {**{f"n{i}": 10.0 - i for i in range(10)}, "rel": 0.0}}
-    assert ev.evaluate_run(qrels, run, k_mrr=(10, 11))["mrr@10"] == 0.0
-    assert ev.evaluate_run(qrels, run, k_mrr=(10, 11))["mrr@11"] == pytest.approx(1 / 11)
+    assert ir.evaluate_run(qrels, run, k_mrr=(10, 11))["mrr@10"] == 0.0
+    assert ir.evaluate_run(qrels, run, k_mrr=(10, 11))["mrr@11"] == pytest.approx(1 / 11)
 
 
 def test_nan_score_is_rejected():
-    with pytest.raises(ev.EvalError, match="NaN"):
-        ev.evaluate_run({"q": {"a": 1}}, {"q": {"a": float("nan")}})
+    with pytest.raises(ir.EvalError, match="NaN"):
+        ir.evaluate_run({"q": {"a": 1}}, {"q": {"a": float("nan")}})
 
 
 def test_drop_self_hits_removes_only_the_query_itself():
     run = {"q1": {"q1": 9.0, "d1": 1.0}, "q2": {"q1": 2.0, "d2": 1.0}}
-    assert ev.drop_self_hits(run) == {"q1": {"d1": 1.0}, "q2": {"q1": 2.0, "d2": 1.0}}
+    assert ir.drop_self_hits(run) == {"q1": {"d1": 1.0}, "q2": {"q1": 2.0, "d2": 1.0}}
 
 
 def test_dense_run_retrieves_k_plus_one_and_drops_self_hits():
     emb = clustered(50, 16, 5, seed=0)
     ids = [f"id{i}" for i in range(50)]
-    index = ev.build_index(emb)
-    run = ev.dense_run(ids[:10], emb[:10], ids, index, k=5)
-    kept = ev.dense_run(ids[:10], emb[:10], ids, index, k=5, drop_self=False)
+    index = retrieval.build_index(emb)
+    run = retrieval.dense_run(ids[:10], emb[:10], ids, index, k=5)
+    kept = retrieval.dense_run(ids[:10], emb[:10], ids, index, k=5, drop_self=False)
     for qid in ids[:10]:
         assert len(run[qid]) == 5 and qid not in run[qid]
-        assert ev.rank_documents(kept[qid])[0] == qid  # the query itself would be the top hit
-        assert ev.rank_documents(run[qid]) == [d for d in ev.rank_documents(
-            ev.dense_run([qid], emb[ids.index(qid)][None], ids, index, 6, drop_self=False)[qid]) if d != qid][:5]
+        assert ir.rank_documents(kept[qid])[0] == qid  # the query itself would be the top hit
+        assert ir.rank_documents(run[qid]) == [d for d in ir.rank_documents(
+            retrieval.dense_run([qid], emb[ids.index(qid)][None], ids, index, 6, drop_self=False)[qid]) if d != qid][:5]
 
 
 # --------------------------------------------------------------------------------------------- run files
@@ -200,22 +201,22 @@ def test_run_file_round_trip_gives_identical_metrics(tmp_path):
     qrels, run = random_qrels_and_run(3)
     run["q1"] = {"d1": 0.1 + 0.2, "d2": 0.3, "d3": 1 / 3}  # 0.30000000000000004 vs 0.3 must not tie
     path = tmp_path / "sub" / "run.trec"
-    ev.write_trec_run(str(path), run, tag="test")
-    back = ev.read_trec_run(str(path))
+    ir.write_trec_run(str(path), run, tag="test")
+    back = ir.read_trec_run(str(path))
     assert back == {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
-    assert ev.evaluate_run(qrels, back, **KS) == ev.evaluate_run(qrels, run, **KS)
+    assert ir.evaluate_run(qrels, back, **KS) == ir.evaluate_run(qrels, run, **KS)
     assert [p.name for p in path.parent.iterdir()] == ["run.trec"]  # no temporary file left behind
 
 
 def test_run_file_rows_follow_the_ranking_rule(tmp_path):
     path = tmp_path / "run.trec"
-    ev.write_trec_run(str(path), {"q": {"a": 1.0, "b": 1.0, "c": 2.0}}, tag="t")
+    ir.write_trec_run(str(path), {"q": {"a": 1.0, "b": 1.0, "c": 2.0}}, tag="t")
     assert path.read_text().splitlines() == ["q Q0 c 1 2.0 t", "q Q0 b 2 1.0 t", "q Q0 a 3 1.0 t"]
 
 
 def test_writing_numpy_float32_scores_writes_plain_numbers(tmp_path):
     path = tmp_path / "run.trec"
-    ev.write_trec_run(str(path), {"q": {"a": np.float32(0.5)}}, tag="t")
+    ir.write_trec_run(str(path), {"q": {"a": np.float32(0.5)}}, tag="t")
     assert path.read_text() == "q Q0 a 1 0.5 t\n"
 
 
@@ -228,19 +229,19 @@ def test_writing_numpy_float32_scores_writes_plain_numbers(tmp_path):
 def test_malformed_run_line_names_file_and_line(tmp_path, bad_line, message):
     path = tmp_path / "bad.trec"
     path.write_text(f"q1 Q0 d1 1 1.0 tag\n\n{bad_line}\n")
-    with pytest.raises(ev.EvalError, match=re.escape(f"{path}:3") + ".*" + message):
-        ev.read_trec_run(str(path))
+    with pytest.raises(ir.EvalError, match=re.escape(f"{path}:3") + ".*" + message):
+        ir.read_trec_run(str(path))
 
 
 def test_writing_id_with_whitespace_is_rejected(tmp_path):
-    with pytest.raises(ev.EvalError, match="whitespace"):
-        ev.write_trec_run(str(tmp_path / "r"), {"q": {"a b": 1.0}}, tag="t")
+    with pytest.raises(ir.EvalError, match="whitespace"):
+        ir.write_trec_run(str(tmp_path / "r"), {"q": {"a b": 1.0}}, tag="t")
 
 
 # --------------------------------------------------------------------------------------------- faiss
 def test_flat_search_is_exact_inner_product_in_batches():
     docs, queries = clustered(300, 32, 10, seed=1), clustered(25, 32, 10, seed=2)
-    scores, indices = ev.search(ev.build_index(docs), queries, k=7, batch_size=4)
+    scores, indices = retrieval.search(retrieval.build_index(docs), queries, k=7, batch_size=4)
     expected = np.argsort(-(queries @ docs.T), axis=1, kind="stable")[:, :7]
     assert np.array_equal(np.sort(indices, axis=1), np.sort(expected, axis=1))
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ docs.T, indices, axis=1), atol=1e-5)
@@ -248,9 +249,9 @@ def test_flat_search_is_exact_inner_product_in_batches():
 
 def test_search_beyond_index_size_pads_with_minus_one_and_dense_run_skips_them():
     docs = clustered(3, 8, 1, seed=0)
-    _, indices = ev.search(ev.build_index(docs), docs[:1], k=5)
+    _, indices = retrieval.search(retrieval.build_index(docs), docs[:1], k=5)
     assert (indices[0, 3:] == -1).all()
-    run = ev.dense_run(["q"], docs[:1], ["a", "b", "c"], ev.build_index(docs), k=5)
+    run = retrieval.dense_run(["q"], docs[:1], ["a", "b", "c"], retrieval.build_index(docs), k=5)
     assert sorted(run["q"]) == ["a", "b", "c"]
 
 
@@ -278,8 +279,8 @@ def _recall_vs_flat(kind, params, k=10):
     """(k-recall@k, 1-recall@k) of an approximate index against IndexFlatIP: the share of the exact top k found
     in the approximate top k, and the share of queries whose exact top 1 is in the approximate top k."""
     docs, queries = low_rank(5000, 64, 8, seed=1), low_rank(200, 64, 8, seed=2)
-    _, exact = ev.search(ev.build_index(docs), queries, k)
-    _, approx = ev.search(ev.build_index(docs, kind, **params), queries, k)
+    _, exact = retrieval.search(retrieval.build_index(docs), queries, k)
+    _, approx = retrieval.search(retrieval.build_index(docs, kind, **params), queries, k)
     return (np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]),
             np.mean([e[0] in a for a, e in zip(approx, exact)]))
 
@@ -297,8 +298,8 @@ def test_ivfpq_neighbours_agree_with_flat(one_faiss_thread):
 
 
 def test_unknown_index_parameter_is_rejected():
-    with pytest.raises(ev.EvalError, match="unknown parameters"):
-        ev.build_index(clustered(10, 8, 2, seed=0), "hnsw", efsearch=10)
+    with pytest.raises(ir.EvalError, match="unknown parameters"):
+        retrieval.build_index(clustered(10, 8, 2, seed=0), "hnsw", efsearch=10)
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -315,7 +316,7 @@ QUERIES = {"q_cat": "cat mat", "q_market": "stock markets monday", "q_apple": "a
 def test_encode_corpus_batches_by_length_and_returns_original_order():
     enc = HashingEncoder()
     ids, texts = list(CORPUS), list(CORPUS.values())
-    emb = ev.encode_corpus(enc, ids, texts, batch_size=2, progress=False)
+    emb = retrieval.encode_corpus(enc, ids, texts, batch_size=2, progress=False)
     np.testing.assert_array_equal(emb, np.stack([enc._vec(t) for t in texts]))
     batches = [t for kind, b in enc.calls for t in b]
     assert [len(t) for t in batches] == sorted((len(t) for t in texts), reverse=True)
@@ -323,24 +324,24 @@ def test_encode_corpus_batches_by_length_and_returns_original_order():
 
 
 def test_retrieve_ranks_the_word_overlap_document_first():
-    run = ev.retrieve(HashingEncoder(), QUERIES, CORPUS, k=3, batch_size=2, progress=False)
-    assert {q: ev.rank_documents(docs)[0] for q, docs in run.items()} == {"q_cat": "d1", "q_market": "d3",
+    run = retrieval.retrieve(HashingEncoder(), QUERIES, CORPUS, k=3, batch_size=2, progress=False)
+    assert {q: ir.rank_documents(docs)[0] for q, docs in run.items()} == {"q_cat": "d1", "q_market": "d3",
                                                                            "q_apple": "d4"}
     assert all(len(docs) == 3 for docs in run.values())
 
 
 def test_rerank_reorders_top_k_and_keeps_the_rest_below_in_order():
     first = {"q_apple": {"d5": 5.0, "d1": 4.0, "d4": 3.0, "d3": 2.0, "d2": 1.0}}
-    out = ev.rerank(HashingEncoder(), QUERIES, CORPUS, first, k=3, progress=False)["q_apple"]
+    out = retrieval.rerank(HashingEncoder(), QUERIES, CORPUS, first, k=3, progress=False)["q_apple"]
     # Top 3 (d5, d1, d4) rescored: d4 shares 3 words, d5 1, d1 0; d3, d2 stay below in first-stage order.
-    assert ev.rank_documents(out) == ["d4", "d5", "d1", "d3", "d2"]
+    assert ir.rank_documents(out) == ["d4", "d5", "d1", "d3", "d2"]
     reranked_min = min(out["d4"], out["d5"], out["d1"])
     assert out["d3"] == reranked_min - 1 and out["d2"] == reranked_min - 2
 
 
 def test_two_stage_returns_dense_and_reranked_runs():
     qrels = {"q_apple": {"d4": 1}, "q_cat": {"d1": 1}}
-    dense, reranked = ev.two_stage(HashingEncoder(), QUERIES, CORPUS, k_retrieve=4, k_rerank=2, progress=False)
+    dense, reranked = retrieval.two_stage(HashingEncoder(), QUERIES, CORPUS, k_retrieve=4, k_rerank=2, progress=False)
     assert set(dense) == set(reranked) == set(QUERIES)
     assert all(set(dense[q]) == set(reranked[q]) for q in QUERIES)
-    assert ev.evaluate_run(qrels, reranked)["mrr@10"] == 1.0
+    assert ir.evaluate_run(qrels, reranked)["mrr@10"] == 1.0

@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 
 import moe_lora as ML
 import router as R
-from model import CausalLM, ModelConfig
+from model import CausalLM, ForwardContext, ModelConfig
 from moe_lora import ExpertSpec, MoELoRAConfig, MoELoRALinear
 from router import RouterConfig
+import config
+import unimoer
 
 TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -246,6 +248,7 @@ def test_a_single_always_on_expert_is_a_plain_lora_with_no_router():
     model(ids, mask)  # no task ids needed
     lin = model.model.layers[0].mlp.up_proj
     x = torch.randn(2, 3, 32)
+    model.model.layers[0].adapter_hook(x, ForwardContext(mask))  # the gate the block gets (held for one call)
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight) + hand_lora(x, lin, "lora", 2.0), atol=1e-6, rtol=1e-6)
 
 
@@ -580,7 +583,7 @@ def test_a_retriever_run_stores_the_centroids_of_its_tasks_inputs_as_pilots(tmp_
     cfg = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, str(tmp_path / "run"), router=router,
                                   adapters={"shared": "routed"}, train={"steps": 1, "save_every": 1, "eval_every": 1})
     train.main([cfg])
-    um = train.load_run(str(tmp_path / "run"))  # the pilots come back from the checkpoint's adapters.safetensors
+    um = unimoer.load_run(str(tmp_path / "run"))  # the pilots come back from the checkpoint's adapters.safetensors
 
     def plain_mean_embeddings(b):  # the base with the experts off, mean-pooled over real tokens
         h = um.base(b["input_ids"], b["attention_mask"], adapters=False).hidden
@@ -616,7 +619,7 @@ def exp2_model(name: str, overrides=()):
     """configs/tiny_exp2_<name>.yaml's experts and router on the tiny test base; learned routers get the same
     projection (seeded, large enough that routing is confident), the retriever pilots from three input groups."""
     import train
-    spec = train.adapter_config(train.load_config(f"configs/tiny_exp2_{name}.yaml", overrides))
+    spec = config.adapter_config(config.load_config(f"configs/tiny_exp2_{name}.yaml", overrides))
     model = ML.attach(tiny_model(), spec)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -637,7 +640,7 @@ def test_each_experiment2_router_config_routes_differently_from_softmax(name):
     ids = torch.cat([ids, three_groups()[0][2][:3]])  # a few inputs the retriever sends to other experts
     mask, tasks = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)]), torch.cat([tasks, tasks])
     import train
-    cfg = train.load_config(f"configs/tiny_exp2_{name}.yaml")
+    cfg = config.load_config(f"configs/tiny_exp2_{name}.yaml")
     # softmax with the same routed experts (the retriever's shared expert is always on) and granularity
     like = [f"--adapters.shared={cfg.adapters.shared}", f"--router.granularity={cfg.router.granularity}"]
     ref = exp2_model("softmax", like)(ids, mask, task_ids=tasks, capture_routing=True).routing

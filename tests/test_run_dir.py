@@ -18,10 +18,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import config
 import evaluate
+import runs
 import tiny_setup
 import train
-from train import ConfigError
+import unimoer
+from config import ConfigError
 
 # The issue's command on the tiny run: 6 good steps at lr 1e-3, then lr 1e30 (finite, but an explosive update).
 EXPLODING = {"eval_every": 100, "save_every": 2,
@@ -113,7 +116,7 @@ def test_an_update_above_max_update_rms_is_undone_parameters_and_optimizer(task,
 def test_pruning_keeps_the_newest_good_checkpoint_when_newer_ones_are_not_good(task, tmp_path, monkeypatch):
     # Dev metrics turn NaN from step 8 on. Before, keep=2 left checkpoints 8 and 10 and deleted 6, the last one with
     # finite dev metrics; now `last_good` names 6 and pruning never deletes it.
-    dev_evaluate = train.dev_evaluate
+    dev_evaluate = evaluate.dev_evaluate
     calls = []
 
     def nan_from_step_8(um, dev, cfg):
@@ -134,9 +137,10 @@ def test_pruning_keeps_the_newest_good_checkpoint_when_newer_ones_are_not_good(t
 PAUSED_TRAIN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
+import runs
 import train
 
-save_checkpoint = train.save_checkpoint
+save_checkpoint = runs.save_checkpoint
 
 def pausing(um, opt, cfg, step, *args, **kwargs):
     path = save_checkpoint(um, opt, cfg, step, *args, **kwargs)
@@ -146,7 +150,7 @@ def pausing(um, opt, cfg, step, *args, **kwargs):
             time.sleep(0.05)
     return path
 
-train.save_checkpoint = pausing
+train.save_checkpoint = pausing  # where train.py looks it up
 sys.exit(train.cli(sys.argv[1:]))
 """
 
@@ -174,7 +178,7 @@ def test_a_second_run_or_resume_on_a_running_dir_is_refused_naming_the_holder_an
                 time.sleep(0.05)
             assert paused.exists(), (tmp_path / "first.log").read_text()[-3000:]
             for argv in ([cfg_path], [cfg_path, "--resume"], [cfg_path, "--overwrite"]):
-                with pytest.raises(train.RunDirError, match=rf"^{out}: in use by another run \(pid {first.pid} on "
+                with pytest.raises(runs.RunDirError, match=rf"^{out}: in use by another run \(pid {first.pid} on "
                                    r"\S+, started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; lock file .*run\.lock\)") as e:
                     train.main(argv)
                 assert "\n" not in str(e.value)
@@ -192,7 +196,7 @@ def test_the_lock_is_released_when_the_run_ends_or_fails(task, tmp_path):
     train.main([cfg_path])
     with pytest.raises(ConfigError):  # a refused resume (changed seed) also releases the lock
         train.main([cfg_path, "--resume", "--train.seed=5"])
-    train.RunLock(str(tmp_path / "run")).release()  # free: nothing holds it any more
+    runs.RunLock(str(tmp_path / "run")).release()  # free: nothing holds it any more
 
 
 # --------------------------------------------------------------------------------------------- fresh runs
@@ -251,7 +255,7 @@ def test_a_resume_with_more_steps_is_logged_and_recorded_in_the_run_history(task
     history = [json.loads(x) for x in open(os.path.join(out, "resumes.jsonl"))]
     assert [(h["step"], h["changes"]) for h in history] == [
         (2, {"train.eval_every": [2, 4], "train.steps": [2, 4]})]
-    cfg = train.load_config(os.path.join(out, "config.yaml"))  # still a plain config, now with the new values
+    cfg = config.load_config(os.path.join(out, "config.yaml"))  # still a plain config, now with the new values
     assert (cfg.train.steps, cfg.train.eval_every) == (4, 4)
     assert pointer(out, "latest") == "checkpoint-000004"
     assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))] == [0, 2, 4]
@@ -267,15 +271,15 @@ def test_adapters_of_another_mode_are_refused_naming_the_mismatch(task, tmp_path
     short = {"steps": 1, "save_every": 1, "eval_every": 1}
     train.main([write_cfg(tmp_path, task, name="emb.yaml", out="emb", train={**short, "mode": "emb_only"})])
     train.main([write_cfg(tmp_path, task, name="moe.yaml", out="moe", train={**short, "mode": "joint_moe"})])
-    ckpt = train.checkpoint_dir(str(tmp_path / "moe"))
-    shutil.copy(os.path.join(train.checkpoint_dir(str(tmp_path / "emb")), "adapters.safetensors"),
+    ckpt = unimoer.checkpoint_dir(str(tmp_path / "moe"))
+    shutil.copy(os.path.join(unimoer.checkpoint_dir(str(tmp_path / "emb")), "adapters.safetensors"),
                 os.path.join(ckpt, "adapters.safetensors"))
     want = (r"adapters\.safetensors: the adapters do not match .*config\.yaml \(train\.mode 'joint_moe'\): "
             r"experts: embed r=4 in the file, embed r=4, rerank r=4, shared r=4 in the config; .*router: ")
     with pytest.raises(ValueError, match=want):
-        train.load_run(str(tmp_path / "moe"))
+        unimoer.load_run(str(tmp_path / "moe"))
     with pytest.raises(ValueError, match=want):
-        evaluate.load_model(str(tmp_path / "moe"))
+        unimoer.load_model(str(tmp_path / "moe"))
     with pytest.raises(ValueError, match=want.replace(r".*config\.yaml", "the resumed config")):
         train.main([str(tmp_path / "moe.yaml"), "--resume", "--train.steps=2"])
 
@@ -305,7 +309,7 @@ def test_a_full_disk_is_one_line_exit_2_and_the_previous_checkpoint_is_intact(ta
     assert "writing checkpoint-000004 failed" in err[0]
     assert "the previous checkpoint (checkpoint-000002) is intact" in err[0]
     assert pointer(out, "latest") == "checkpoint-000002" and glob.glob(os.path.join(out, ".tmp-*")) == []
-    train.load_run(out)
+    unimoer.load_run(out)
 
 
 def can_bind_read_only() -> bool:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import config
 import data
 import tiny_setup
 import train
@@ -25,12 +26,12 @@ import os, sys, time
 sys.path.insert(0, {repo!r})
 import shutil
 import safetensors.torch
-import data, train
+import config, data, synthetic, train
 
 if os.environ.get("HANG_BEFORE"):
     target, n = os.environ["HANG_BEFORE"].rsplit(":", 1)
     module_name, attr = target.rsplit(".", 1)
-    module = {{"data": data, "os": os, "shutil": shutil, "safetensors.torch": safetensors.torch}}[module_name]
+    module = {{"data": data, "synthetic": synthetic, "os": os, "shutil": shutil, "safetensors.torch": safetensors.torch}}[module_name]
     real, calls = getattr(module, attr), []
 
     def hanging(*args, **kwargs):
@@ -45,7 +46,7 @@ if os.environ.get("READY_SELF"):
     open(os.environ["READY_SELF"], "w").close()
     while not all(os.path.exists(p) for p in os.environ["READY_WAIT"].split(os.pathsep)):
         time.sleep(0.01)
-train.prepare(train.load_config(sys.argv[1]), 0)
+train.prepare(config.load_config(sys.argv[1]), 0)
 """
 
 SETUP_CFG = dict(data={"synthetic": True}, train={"steps": 1, "save_every": 1, "eval_every": 1})
@@ -56,7 +57,7 @@ def _one_thread(one_thread):
     """Tiny tensors run on one thread (conftest.one_thread)."""
 
 
-def config(root, data_dir=None, out=None) -> str:
+def setup_config(root, data_dir=None, out=None) -> str:
     return tiny_setup.write_config(os.path.join(root, "cfg.yaml"), data_dir or os.path.join(root, "data"),
                                    out or os.path.join(root, "run"), **SETUP_CFG)
 
@@ -72,7 +73,7 @@ def leftovers(*dirs) -> list:
 def reference(tmp_path_factory):
     """An uninterrupted setup: (synthetic data files, tiny base files)."""
     root = str(tmp_path_factory.mktemp("reference"))
-    train.prepare(train.load_config(config(root)), 0)
+    train.prepare(config.load_config(setup_config(root)), 0)
     return tree(os.path.join(root, "data")), tree(os.path.join(root, "run", "base"))
 
 
@@ -131,14 +132,14 @@ def test_when_another_writer_renamed_first_the_rename_decides_and_this_copy_is_d
 
 # --------------------------------------------------------------------------------------------- killed setups
 @pytest.mark.parametrize("hang_before,data_done", [
-    ("data._atomic_write_text:5", False),  # synthetic task: 4 files written
+    ("synthetic.write_text_atomic:5", False),  # synthetic task: 4 files written
     ("os.rename:1", False),  # synthetic task complete in its temporary, not yet renamed
     ("shutil.copy:2", True),  # tiny base: weights, config.json and tokenizer.json written
     ("os.rename:2", True),  # tiny base complete in its temporary, not yet renamed
 ])
 def test_a_setup_killed_at_any_point_leaves_nothing_half_written_and_the_next_run_matches(tmp_path, reference,
                                                                                          hang_before, data_done):
-    cfg_path = config(str(tmp_path))
+    cfg_path = setup_config(str(tmp_path))
     marker = tmp_path / "hanging"
     proc = start_setup(tmp_path, cfg_path, "killed", HANG_BEFORE=hang_before, HANG_MARKER=str(marker))
     deadline = time.time() + 180
@@ -164,7 +165,7 @@ def test_two_setups_at_once_on_one_fresh_data_dir_both_succeed_with_identical_da
     ready = [str(tmp_path / f"ready{i}") for i in range(2)]
     procs = []
     for i in range(2):  # one data dir, two run dirs; both start writing as soon as both have started
-        cfg_path = config(str(tmp_path / f"r{i}"), data_dir=str(tmp_path / "data"))
+        cfg_path = setup_config(str(tmp_path / f"r{i}"), data_dir=str(tmp_path / "data"))
         procs.append(start_setup(tmp_path, cfg_path, f"setup{i}", READY_SELF=ready[i],
                                  READY_WAIT=os.pathsep.join(ready)))
     for i, p in enumerate(procs):

@@ -16,6 +16,8 @@ import moe_lora
 import router
 import tiny_setup
 import train
+import config
+import unimoer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,8 +110,8 @@ def test_the_step_scope_gradient_flows_into_every_calls_probabilities():
 # --------------------------------------------------------------------------------------------- GradCache
 def build(tmp_path, task, **sections):
     cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, str(tmp_path / "run"), **sections)
-    cfg = train.prepare(train.load_config(cfg_path), 0)
-    um = train.build_model(cfg, torch.device("cpu"))
+    cfg = train.prepare(config.load_config(cfg_path), 0)
+    um = unimoer.build_model(cfg, torch.device("cpu"))
     tiny_setup.randomize_lora_B(um, seed=1)  # B = 0 would zero A's gradient and the adapters' effect
     return cfg, um
 
@@ -208,14 +210,14 @@ def test_a_grad_accum_run_ends_with_the_adapters_of_a_one_chunk_run(task, tmp_pa
 
 def run_adapters(out_dir) -> dict:
     from safetensors.torch import load_file
-    return load_file(os.path.join(train.checkpoint_dir(out_dir), "adapters.safetensors"))
+    return load_file(os.path.join(unimoer.checkpoint_dir(out_dir), "adapters.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------- held experts
 def slices_with_moments(ckpt: str, expert: str) -> dict:
     """{tensor name: (parameter slice, exp_avg slice, exp_avg_sq slice)} of one expert's rows of every lora_A and
     columns of every lora_B, from a checkpoint (the optimizer's state is indexed in trainable_parameters order)."""
-    um = train.load_run(ckpt)
+    um = unimoer.load_run(ckpt)
     names = [n for n, p in moe_lora.adapter_state_dict(um.base).items() if isinstance(p, nn.Parameter)]
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True)["optimizer"]
     params = dict(moe_lora.adapter_state_dict(um.base))
@@ -281,7 +283,7 @@ def test_untrained_experts_follow_from_which_experts_the_steps_tasks_can_reach(t
 
 def test_freezing_an_unknown_expert_is_one_config_error_naming_it(task, tmp_path):
     _, um = build(tmp_path, task, train={"mode": "hard_switch"})
-    with pytest.raises(train.ConfigError, match="freeze_experts: no expert 'shared'"):
+    with pytest.raises(config.ConfigError, match="freeze_experts: no expert 'shared'"):
         train.untrained_experts(um, ["embed"], ["shared"])
 
 

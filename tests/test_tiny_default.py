@@ -10,9 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+import config
 import evaluate
+import ir
+import retrieval
+import runs
 import train
+import unimoer
 from tiny_setup import REPO, SUBPROCESS_ENV, write_config, write_synthetic
 
 PRETRAIN = {"pretrain_steps": 3, "pretrain_batch": 4}
@@ -36,20 +40,20 @@ def corpus_only(synthetic, tmp_path_factory):
 
 def tiny_cfg(tmp_path, data_dir, **tiny):
     path = write_config(str(tmp_path / "c.yaml"), data_dir, str(tmp_path / "run"), model={"tiny": tiny})
-    return train.load_config(path)
+    return config.load_config(path)
 
 
 def test_pretrained_tiny_base_is_reproducible_from_its_seed(corpus_only, tmp_path, one_thread):
     cfg = tiny_cfg(tmp_path, corpus_only, **PRETRAIN)
     for name in ("a", "b"):
-        train.write_tiny_base(cfg, str(tmp_path / name))
+        runs.write_tiny_base(cfg, str(tmp_path / name))
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretraining_changes_the_random_base(corpus_only, tmp_path, one_thread):
-    train.write_tiny_base(tiny_cfg(tmp_path, corpus_only, **PRETRAIN), str(tmp_path / "pre"))
-    train.write_tiny_base(tiny_cfg(tmp_path, corpus_only), str(tmp_path / "rand"))
+    runs.write_tiny_base(tiny_cfg(tmp_path, corpus_only, **PRETRAIN), str(tmp_path / "pre"))
+    runs.write_tiny_base(tiny_cfg(tmp_path, corpus_only), str(tmp_path / "rand"))
     pre, rand = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("pre", "rand"))
     assert not torch.equal(pre["model.embed_tokens.weight"], rand["model.embed_tokens.weight"])
 
@@ -58,25 +62,25 @@ def test_tiny_base_reads_no_queries_qrels_or_training_file(corpus_only, tmp_path
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
-    train.write_tiny_base(tiny_cfg(tmp_path, corpus_only, **PRETRAIN), str(tmp_path / "base"))
+    runs.write_tiny_base(tiny_cfg(tmp_path, corpus_only, **PRETRAIN), str(tmp_path / "base"))
     read = {os.path.basename(f) for f in opened if f.startswith(corpus_only)}
     assert read == {"corpus.jsonl", "tokenizer.json", "tokenizer_config.json"}  # tokenizer files: copied into the base
 
 
 def test_pretrain_sequence_is_documents_then_the_first_again():
     docs = [[10, 11], [20], [30, 31, 32]]
-    seqs = train.pretrain_sequences(docs, eos=0, n_docs=2, batch=3, seed=1, step=0)
+    seqs = runs.pretrain_sequences(docs, eos=0, n_docs=2, batch=3, seed=1, step=0)
     for s in seqs:
         ends = [i for i, t in enumerate(s) if t == 0]  # the EOS after each document
         parts = [s[a + 1:b] for a, b in zip([-1] + ends[:-1], ends)]
         assert ends[-1] == len(s) - 1 and len(parts) == 3 and parts[0] == parts[2] != parts[1]
         assert all(p in docs for p in parts)
-    assert seqs == train.pretrain_sequences(docs, eos=0, n_docs=2, batch=3, seed=1, step=0)
+    assert seqs == runs.pretrain_sequences(docs, eos=0, n_docs=2, batch=3, seed=1, step=0)
 
 
 def test_the_pretrained_base_is_cached_next_to_the_data_and_copied_into_the_run(synthetic, tmp_path, one_thread):
     cfg = tiny_cfg(tmp_path, synthetic, **PRETRAIN)
-    cache = train.tiny_base_cache_dir(cfg)
+    cache = runs.tiny_base_cache_dir(cfg)
     assert os.path.dirname(cache) == os.path.dirname(os.path.normpath(synthetic))
     train.prepare(cfg, 0)
     run_base = os.path.join(cfg.train.out_dir, "base", "model.safetensors")
@@ -86,20 +90,20 @@ def test_the_pretrained_base_is_cached_next_to_the_data_and_copied_into_the_run(
 def test_bm25_matches_a_hand_computed_score():
     # N = 2 docs, avgdl = 2.5; term 7 in d1 only: idf = ln(1 + (2 - 1 + .5) / (1 + .5)) = ln 2.
     # d1 = [7, 7, 8] (|d| = 3): tf 2 -> ln2 * 2 * 1.9 / (2 + 0.9 * (0.6 + 0.4 * 3 / 2.5))
-    run = evaluate.bm25_run({"q": [7]}, {"d1": [7, 7, 8], "d2": [8, 9]}, k=2)
+    run = retrieval.bm25_run({"q": [7]}, {"d1": [7, 7, 8], "d2": [8, 9]}, k=2)
     expected = 0.6931471805599453 * 2 * 1.9 / (2 + 0.9 * (0.6 + 0.4 * 3 / 2.5))
     assert run["q"]["d1"] == pytest.approx(expected, rel=1e-12) and run["q"]["d2"] == 0.0
 
 
 def test_dev_candidates_do_not_depend_on_the_model(synthetic, tmp_path, one_thread):
     cfg = train.prepare(tiny_cfg(tmp_path, synthetic), 0)
-    dev = train.load_dev(cfg)
+    dev = evaluate.load_dev(cfg)
     runs = []
     for seed in (0, 1):
         cfg.train.seed = seed
-        runs.append(train.dev_candidates(train.build_model(cfg, torch.device("cpu")), dev, cfg))
+        runs.append(evaluate.dev_candidates(unimoer.build_model(cfg, torch.device("cpu")), dev, cfg))
     assert runs[0] == runs[1] and set(runs[0]) == set(dev[1])
-    assert evaluate.read_trec_run(os.path.join(cfg.train.out_dir, train.DEV_CANDIDATES)) == runs[1]
+    assert ir.read_trec_run(os.path.join(cfg.train.out_dir, evaluate.DEV_CANDIDATES)) == runs[1]
 
 
 def test_runner_grid_covers_every_mode_and_seed(tmp_path):
@@ -108,7 +112,7 @@ def test_runner_grid_covers_every_mode_and_seed(tmp_path):
                          capture_output=True, text=True).stdout
     trains = [ln for ln in out.splitlines() if " train.py " in ln]
     assert len(trains) == 7 * 2
-    for mode in train.MODES:
+    for mode in config.MODES:
         for seed in (1, 2):
             assert any(f"tiny_{mode}.yaml" in ln and f"--train.seed={seed}" in ln for ln in trains)
     assert out.count("analysis.py report") == 1

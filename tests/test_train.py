@@ -19,11 +19,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import config
 import moe_lora
+import runs
 import tiny_setup
 import train
+import unimoer
 from data import DataError
-from train import ConfigError
+from config import ConfigError
 
 # The run most tests share: checkpoints at 3, 6, 8 (the last two kept), dev metrics at 0, 2, 4, 6, 8.
 # Adapter dropout makes the steps draw from torch's RNG, so an exact resume needs the RNG state restored too.
@@ -46,7 +49,7 @@ def finished_run(task, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     cfg_path = tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "run"), **RUN)
     built = []
-    build_model = train.build_model
+    build_model = unimoer.build_model
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
         train.main([cfg_path])
@@ -97,13 +100,13 @@ def expert_slices(um, name: str) -> dict:
 
 def build(cfg_path, **overrides):
     """A UniMoER as main() builds it (base written to the run's out_dir first)."""
-    cfg = train.load_config(cfg_path, [f"--{k}={v}" for k, v in overrides.items()])
-    return train.build_model(train.prepare(cfg, 0), torch.device("cpu"))
+    cfg = config.load_config(cfg_path, [f"--{k}={v}" for k, v in overrides.items()])
+    return unimoer.build_model(train.prepare(cfg, 0), torch.device("cpu"))
 
 
 def init_model(out_dir):
     """The model a run started from: its saved config rebuilt (build_model seeds the expert init)."""
-    return train.build_model(train.load_config(os.path.join(out_dir, "config.yaml")), torch.device("cpu"))
+    return unimoer.build_model(config.load_config(os.path.join(out_dir, "config.yaml")), torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------- reproducibility
@@ -114,7 +117,7 @@ def test_the_same_seed_twice_gives_byte_identical_metrics_and_logs(finished_run,
     assert [json.loads(x)["step"] for x in open(os.path.join(first, "metrics.jsonl"))] == [0, 2, 4, 6, 8]
     assert read(os.path.join(second, "metrics.jsonl")) == read(os.path.join(first, "metrics.jsonl"))
     assert read(os.path.join(second, "train_log.jsonl")) == read(os.path.join(first, "train_log.jsonl"))
-    assert_same_tensors(adapters(train.checkpoint_dir(second)), adapters(train.checkpoint_dir(first)))
+    assert_same_tensors(adapters(unimoer.checkpoint_dir(second)), adapters(unimoer.checkpoint_dir(first)))
 
 
 # A train.py run that hangs in the middle of writing checkpoint HANG_AT_STEP (its temporary directory holds the
@@ -123,10 +126,10 @@ def test_the_same_seed_twice_gives_byte_identical_metrics_and_logs(finished_run,
 HANGING_TRAIN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import moe_lora, train
+import moe_lora, runs, train
 
 hang_at, marker, saving = int(os.environ["HANG_AT_STEP"]), os.environ["HANG_MARKER"], []
-save_checkpoint, save_adapters = train.save_checkpoint, moe_lora.save_adapters
+save_checkpoint, save_adapters = runs.save_checkpoint, moe_lora.save_adapters
 
 def saving_checkpoint(um, opt, cfg, step, *args, **kwargs):
     saving[:] = [step]
@@ -165,13 +168,13 @@ def test_a_run_killed_mid_checkpoint_and_resumed_ends_identical_to_an_uninterrup
     # What the kill left: `latest` still names the last complete checkpoint, and it loads; the half-written one
     # is only a .tmp-ckpt-* directory; the log runs past the checkpoint.
     assert latest(out) == "checkpoint-000003"
-    ckpt = train.checkpoint_dir(out)
-    assert train.load_run(out) is not None
+    ckpt = unimoer.checkpoint_dir(out)
+    assert unimoer.load_run(out) is not None
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 3
     assert len(glob.glob(os.path.join(out, ".tmp-ckpt-*"))) == 1
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4, 5, 6]
     # The lock file still names the killed run, but the OS released its flock with the process: no stale lock.
-    assert json.loads(open(os.path.join(out, train.LOCK_FILE)).read())["pid"] == proc.pid
+    assert json.loads(open(os.path.join(out, runs.LOCK_FILE)).read())["pid"] == proc.pid
 
     res = subprocess.run([sys.executable, os.path.join(tiny_setup.REPO, "train.py"), cfg_path,
                           f"--train.out_dir={out}", "--resume"], env={**env, "PYTHONHASHSEED": "2"},
@@ -180,7 +183,7 @@ def test_a_run_killed_mid_checkpoint_and_resumed_ends_identical_to_an_uninterrup
     assert glob.glob(os.path.join(out, ".tmp-*")) == []  # the killed write's leftover was removed at the start
 
     assert latest(out) == latest(uninterrupted) == "checkpoint-000008"
-    final, want = train.checkpoint_dir(out), train.checkpoint_dir(uninterrupted)
+    final, want = unimoer.checkpoint_dir(out), unimoer.checkpoint_dir(uninterrupted)
     assert_same_tensors(adapters(final), adapters(want))
     assert_same_tensors(optimizer_tensors(final), optimizer_tensors(want))
     assert read(os.path.join(out, "metrics.jsonl")) == read(os.path.join(uninterrupted, "metrics.jsonl"))
@@ -212,7 +215,7 @@ def test_a_failure_while_saving_keeps_the_previous_checkpoint_and_removes_its_te
         return torch_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(train.torch, "save", failing_save)
-    with pytest.raises(train.RunDirError, match=r"\.tmp-ckpt-\w+: writing checkpoint-000006 failed \(.*No space "
+    with pytest.raises(runs.RunDirError, match=r"\.tmp-ckpt-\w+: writing checkpoint-000006 failed \(.*No space "
                        r"left on device\); the previous checkpoint \(checkpoint-000003\) is intact") as e:
         train.main([cfg_path])
     assert "\n" not in str(e.value)
@@ -220,8 +223,8 @@ def test_a_failure_while_saving_keeps_the_previous_checkpoint_and_removes_its_te
 
     assert latest(out) == "checkpoint-000003"
     um = init_model(out)  # the checkpoint `latest` names loads whole, trainer state included
-    assert train.load_trainer_state(train.checkpoint_dir(out), um,
-                                    torch.optim.AdamW(train.trainable_parameters(um))) == (3, 0)
+    assert runs.load_trainer_state(unimoer.checkpoint_dir(out), um,
+                                    torch.optim.AdamW(unimoer.trainable_parameters(um))) == (3, 0)
     assert glob.glob(os.path.join(out, ".tmp-*")) == []  # the failed write took its temporary directory along
 
     train.main([cfg_path, "--resume"])
@@ -231,7 +234,7 @@ def test_a_failure_while_saving_keeps_the_previous_checkpoint_and_removes_its_te
 
 def test_load_run_rebuilds_the_trained_model(finished_run):
     _, out, trained = finished_run
-    loaded = train.load_run(out)
+    loaded = unimoer.load_run(out)
     queries = ["what is tovami", "find me ruke near the field please"]
     docs = ["a report notes", "the team saw some new old data from near every unit during the stage"]
     assert np.array_equal(loaded.encode_queries(queries), trained.encode_queries(queries))
@@ -277,7 +280,7 @@ def test_a_bad_choice_names_the_key_and_the_allowed_values(task, tmp_path):
     with pytest.raises(ConfigError) as e:
         train.main([write_cfg(tmp_path, task, train={"mode": "banana"})])
     assert "train.mode: 'banana' is not one of" in str(e.value)
-    assert all(repr(m) in str(e.value) for m in train.MODES)
+    assert all(repr(m) in str(e.value) for m in config.MODES)
 
 
 def test_a_bad_number_names_the_key_and_the_expected_type(task, tmp_path):
@@ -374,7 +377,7 @@ def test_max_bad_steps_non_finite_steps_in_a_row_stop_the_run_naming_the_last_go
     # Before issue 18 checkpoint 4 was written after 2 bad steps and the message only said "is in <out_dir>".
     assert latest(out) == "checkpoint-000002"
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-000002"]
-    train.load_run(out)
+    unimoer.load_run(out)
 
 
 # --------------------------------------------------------------------------------------------- staged training
@@ -384,7 +387,7 @@ def test_freeze_experts_keeps_that_expert_bit_identical_while_the_others_train(t
                                                 "freeze_experts": ["embed"], "weight_decay": 0.1})
     train.main([cfg_path])
     out = str(tmp_path / "run")
-    start, end = init_model(out), train.load_run(out)
+    start, end = init_model(out), unimoer.load_run(out)
     for name, frozen in (("embed", True), ("rerank", False), ("shared", False)):
         a, b = expert_slices(start, name), expert_slices(end, name)
         for lin in a:
@@ -406,7 +409,7 @@ def test_stages_run_in_order_with_their_tasks_learning_rates_and_frozen_experts(
     # per stage: 1 warmup step at the peak, then cosine to lr * min_lr_ratio: halfway is peak * (0.1 + 0.9 / 2)
     assert [r["lr"] for r in logs] == pytest.approx([0.01, 0.01, 0.0055, 0.005, 0.005, 0.00275])
     start, mid, end = (expert_slices(m, "rerank") for m in
-                       (init_model(out), train.load_run(os.path.join(out, "checkpoint-000003")), train.load_run(out)))
+                       (init_model(out), unimoer.load_run(os.path.join(out, "checkpoint-000003")), unimoer.load_run(out)))
     assert all(torch.equal(start[k][0], mid[k][0]) and torch.equal(start[k][1], mid[k][1]) for k in start)
     assert all(not torch.equal(mid[k][1], end[k][1]) for k in start)
 
@@ -417,12 +420,12 @@ MODE_EXPERTS = {"emb_only": ["embed"], "rank_only": ["rerank"], "joint_single": 
                 "hard_switch_shared": ["embed", "rerank", "shared"], "no_shared": ["embed", "rerank"]}
 
 
-@pytest.mark.parametrize("mode", train.MODES)
+@pytest.mark.parametrize("mode", config.MODES)
 def test_each_mode_builds_its_experts_and_trains(task, tmp_path, mode):
     cfg_path = write_cfg(tmp_path, task, train={"mode": mode, "steps": 2, "save_every": 2, "eval_every": 2})
     train.main([cfg_path])
     out = str(tmp_path / "run")
-    um = train.load_run(out)
+    um = unimoer.load_run(out)
     assert [e.name for e in moe_lora.get_config(um.base).experts] == MODE_EXPERTS[mode]
     logged = {k for r in log_lines(out) for k in r}
     assert ("emb" in logged) == (mode != "rank_only") and ("rank" in logged) == (mode != "emb_only")
@@ -434,7 +437,7 @@ def test_each_mode_builds_its_experts_and_trains(task, tmp_path, mode):
 def test_hard_switch_gives_each_task_exactly_its_experts(task, tmp_path, mode):
     um = build(write_cfg(tmp_path, task), **{"train.mode": mode})
     tokens = um.tokens_queries(["what tovami", "is ruke", "find me any ruke"])
-    tasks = torch.tensor([train.TASKS.index(t) for t in ("embed", "rerank", "embed")])
+    tasks = torch.tensor([config.TASKS.index(t) for t in ("embed", "rerank", "embed")])
     out = um.base(tokens["input_ids"], tokens["attention_mask"], task_ids=tasks, capture_routing=True)
     assert [layer for layer, _ in out.routing] == list(range(um.base.config.num_hidden_layers))
     shared = [1.0] if mode == "hard_switch_shared" else []  # columns: embed, rerank(, shared), config order
@@ -460,7 +463,7 @@ def test_a_learned_router_run_logs_routing_per_task_and_layer_at_each_dev_evalua
 def test_routing_entropy_is_the_mean_per_sequence_entropy_of_the_routed_weights(finished_run):
     _, _, um = finished_run
     queries, docs = ["what tovami", "is ruke"], ["tovami ruke", "ruke"]
-    snap = train.routing_snapshot(um, queries, docs, list(zip(queries, docs)))
+    snap = unimoer.routing_snapshot(um, queries, docs, list(zip(queries, docs)))
     toks = um.tokens_pairs(queries, docs)
     out = um.base(toks["input_ids"], toks["attention_mask"], task_ids=torch.ones(2, dtype=torch.long),
                   capture_routing=True)

@@ -15,6 +15,9 @@ if REPO not in sys.path:  # ddp_worker.py runs as a script, without conftest.py
     sys.path.insert(0, REPO)
 
 import data  # noqa: E402
+import config
+import synthetic
+import unimoer
 
 SYNTHETIC = dict(seed=0, n_docs=300, n_train=200, n_dev=16, n_test=16, n_concepts=150)
 
@@ -34,7 +37,7 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", 
 
 
 def write_synthetic(out_dir: str) -> str:
-    data.make_synthetic(out_dir, **SYNTHETIC)
+    synthetic.make_synthetic(out_dir, **SYNTHETIC)
     return out_dir
 
 
@@ -68,8 +71,8 @@ def step_chunks(um, data_dir: str, start: int, n_queries: int, chunks: int) -> l
 
     examples = data.read_train_jsonl(os.path.join(data_dir, "train.jsonl"))[start:start + n_queries]
     b, n_neg = n_queries // chunks, um.cfg.data.n_neg
-    return [train.batch_inputs(um, {"query": [ex["query"] for ex in part], "pos": [ex["pos"][0] for ex in part],
-                                    "neg": [n for ex in part for n in ex["neg"][:n_neg]]}, train.TASKS)
+    return [unimoer.batch_inputs(um, {"query": [ex["query"] for ex in part], "pos": [ex["pos"][0] for ex in part],
+                                    "neg": [n for ex in part for n in ex["neg"][:n_neg]]}, config.TASKS)
             for part in (examples[k * b:(k + 1) * b] for k in range(chunks))]
 
 

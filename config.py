@@ -1,0 +1,506 @@
+"""The YAML surface: one dataclass per section (model, data, adapters, router, train, stages), loading with
+`base:` and `--section.key=value` overrides, and the mode table (which experts and routing each train.mode means).
+
+    cfg = load_config("configs/tiny.yaml", ["--train.lr=5e-4"])   # validated Config, or one ConfigError
+
+Each section checks its own values (validate(where), `where` = the config file), Config.validate the rules across
+sections; load_config runs them all before anything is built or written. A YAML mapping is filled 1:1 into the
+dataclasses: an unknown key, a value of the wrong type or out of range is ONE ConfigError naming the file and key.
+The `router:` section is router.RouterConfig itself (router.py owns its fields and checks).
+
+Reading order: prompt templates (the data section's defaults) -> value checks -> sections -> Config -> YAML
+reading and overrides -> the mode table (MODE_TABLE, resolve_mode, adapter_config).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+import moe_lora
+from model import ConfigError
+from router import AUX_LOSSES, RouterConfig
+
+TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
+MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")
+
+
+# --------------------------------------------------------------------------------------------- prompt templates
+# Qwen3-Embedding: the query gets an instruction, documents are embedded as bare text.
+EMBED_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# Qwen3-Reranker: the model reads prefix + pair + suffix and answers "yes" or "no" at the last position.
+RERANK_INSTRUCTION = EMBED_INSTRUCTION
+RERANK_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+                 "the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+                 "<|im_start|>user\n")
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def format_query(query: str, instruction: str = EMBED_INSTRUCTION) -> str:
+    """The embedding-side query text (Qwen3-Embedding's get_detailed_instruct; no space after "Query:")."""
+    return f"Instruct: {instruction}\nQuery:{query}"
+
+
+def format_rerank_pair(query: str, doc: str, instruction: str = RERANK_INSTRUCTION) -> str:
+    """The reranker's middle part. The caller truncates its token ids and puts the ids of RERANK_PREFIX before
+    and of RERANK_SUFFIX after, as Qwen3-Reranker does, so truncation never cuts the template."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+
+
+# --------------------------------------------------------------------------------------------- value checks
+# Each section checks its own values (validate(where), `where` = the config file), Config.validate the rules
+# across sections; load_config runs them all before anything is built or written.
+def _check(where: str, key: str, value, ok: bool, expected: str) -> None:
+    """One config rule: unless ok, raise ConfigError '<where>: <key> must be <expected> (got <value>)'."""
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {expected} (got {value!r})")
+
+
+def _check_min(where: str, section, key: str, names: Sequence[str], lo: int) -> None:
+    """Each named integer field of the section object is >= lo."""
+    for name in names:
+        v = getattr(section, name)
+        _check(where, f"{key}.{name}", v, v >= lo, f">= {lo}")
+
+
+def _check_text(where: str, key: str, value: Optional[str], optional: bool = False) -> None:
+    """A path or name: a non-empty string (None where the field is optional)."""
+    _check(where, key, value, (optional and value is None) or (isinstance(value, str) and bool(value.strip())),
+           "a non-empty string" + (" or null" if optional else ""))
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds (np.random.seed, default_rng([seed, ...])) are in [0, 2**32)
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class TinyBase:
+    """The built-in random base used when model.path is null (vocabulary from the data's tokenizer)."""
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    init_std: float = 0.1
+    seed: int = 0
+    # Self-supervised causal-LM pretraining of the base on the corpus documents alone (pretrain_tiny_base); 0 = keep
+    # the random base. The result is cached next to the data (tiny_base_cache_dir) and frozen like any base.
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3.0e-3
+    pretrain_batch: int = 32
+    pretrain_docs: int = 2  # documents per pretraining sequence before the recurrence of the first one
+
+    def validate(self, where: str, key: str = "model.tiny") -> None:
+        _check_min(where, self, key, ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                      "intermediate_size"), 1)
+        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        _check(where, f"{key}.head_dim", self.head_dim, self.head_dim >= 2 and self.head_dim % 2 == 0,
+               "even and >= 2 (rotary embedding pairs)")
+        _check(where, f"{key}.num_key_value_heads", self.num_key_value_heads,
+               self.num_attention_heads % self.num_key_value_heads == 0,
+               f"a divisor of num_attention_heads {self.num_attention_heads} (grouped-query attention)")
+        _check(where, f"{key}.init_std", self.init_std, self.init_std > 0, "> 0")
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = None  # HF checkpoint directory; null = the tiny random base (written to <out_dir>/base)
+    tokenizer: Optional[str] = None  # directory or tokenizer.json; default model.path, or data.dir for the tiny base
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the frozen base; adapters are always fp32
+    tiny: TinyBase = field(default_factory=TinyBase)
+    bidirectional: bool = False  # non-causal attention (GritLM-style ablation)
+    grad_checkpointing: bool = False
+
+    def validate(self, where: str, key: str = "model") -> None:
+        _check_text(where, f"{key}.path", self.path, optional=True)
+        _check_text(where, f"{key}.tokenizer", self.tokenizer, optional=True)
+        self.tiny.validate(where, f"{key}.tiny")
+
+
+@dataclass
+class DataSection:
+    dir: str = "data/synthetic"  # BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    synthetic: bool = False  # write the built-in synthetic task into dir first if dir does not exist
+    synthetic_seed: int = 0
+    synthetic_args: dict = field(default_factory=dict)  # other data.make_synthetic arguments (n_docs, random_negs, ...)
+    train_file: Optional[str] = None  # JSONL {"query","pos","neg"} or MS MARCO triples .tsv; default <dir>/train.jsonl
+    dev_split: str = "dev"
+    dev_queries: int = 200  # first N dev queries (sorted ids) at each dev evaluation; 0 = all
+    dev_corpus: int = 0  # 0 = the whole corpus; N = judged dev docs + the first N others (cheap dev runs)
+    n_neg: int = 7  # hard negatives per query in training
+    max_query_len: int = 64
+    max_doc_len: int = 128
+    max_pair_len: int = 256  # reranker input, template included
+    padding_side: Literal["left", "right"] = "left"
+    # Append the tokenizer's EOS to queries and documents and pool there (Qwen3-Embedding). false pools at the
+    # last text token: for base models whose EOS is a sink or untrained token (SmolLM2: cos ~0.99 between texts)
+    append_eos: bool = True
+    embed_instruction: str = EMBED_INSTRUCTION
+    rerank_instruction: str = RERANK_INSTRUCTION
+    # "qwen3": Qwen3-Reranker's system/user/assistant prompt around the pair (RERANK_PREFIX ... RERANK_SUFFIX);
+    # "bare": the pair alone, then EOS, scored there (the tiny default: see README, "The tiny default")
+    rerank_prompt: Literal["qwen3", "bare"] = "qwen3"
+
+    def validate(self, where: str, key: str = "data") -> None:
+        """Ranges here; max_pair_len and max_query_len against the templates need the tokenizer (check_lengths)."""
+        _check_text(where, f"{key}.dir", self.dir)
+        _check_text(where, f"{key}.train_file", self.train_file, optional=True)
+        _check_text(where, f"{key}.dev_split", self.dev_split)
+        _check_min(where, self, key, ("synthetic_seed", "dev_queries", "dev_corpus", "n_neg"), 0)
+        least = 2 if self.append_eos else 1  # with append_eos the EOS takes the last of the max_*_len tokens
+        for name in ("max_query_len", "max_doc_len", "max_pair_len"):
+            v = getattr(self, name)
+            _check(where, f"{key}.{name}", v, v >= least, f">= {least}" + (" (one text token + EOS with "
+                                                                             "data.append_eos)" if least == 2 else ""))
+
+
+@dataclass
+class AdapterSection:
+    """Expert shapes; which experts exist and how they are routed follows from train.mode."""
+    r: int = 8  # rank of the task experts (embed, rerank, joint)
+    alpha: float = 16.0
+    shared_r: int = 16
+    shared_alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    layers: Optional[list[int]] = None  # None = every layer
+    rslora: bool = False
+    dropout: float = 0.0
+    shared: Literal["always", "routed"] = "always"  # joint_moe's shared expert: outside the router, or routed
+
+    def validate(self, where: str, key: str = "adapters") -> None:
+        _check_min(where, self, key, ("r", "shared_r"), 1)
+        for name in ("alpha", "shared_alpha"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+        short = [t[:-len("_proj")] for t in moe_lora.TARGETS]
+        ok = bool(self.targets) and len(set(self.targets)) == len(self.targets) and \
+            all(t in short or t in moe_lora.TARGETS for t in self.targets)
+        _check(where, f"{key}.targets", self.targets, ok, f"a non-empty list of distinct names among "
+               f"{', '.join(short)} (or {', '.join(moe_lora.TARGETS)})")
+        if self.layers is not None:
+            ok = bool(self.layers) and len(set(self.layers)) == len(self.layers) and min(self.layers) >= 0
+            _check(where, f"{key}.layers", self.layers, ok, "null (every layer) or a non-empty list of distinct "
+                   "layer indices >= 0")
+        _check(where, f"{key}.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
+
+
+@dataclass
+class Stage:
+    steps: int
+    lr: Optional[float] = None  # default train.lr
+    tasks: Literal["both", "embed", "rerank"] = "both"
+    freeze_experts: list[str] = field(default_factory=list)
+
+    def validate(self, where: str, key: str) -> None:
+        _check(where, f"{key}.steps", self.steps, self.steps >= 1, ">= 1")
+        _check(where, f"{key}.lr", self.lr, self.lr is None or self.lr > 0, "> 0 or null (train.lr)")
+
+
+@dataclass
+class TrainSection:
+    mode: Literal[MODES] = "joint_moe"
+    out_dir: str = "ckpt/run"
+    seed: int = 0
+    steps: int = 1000  # ignored when stages are given (their steps add up)
+    stages: list[Stage] = field(default_factory=list)
+    batch_size: int = 32  # global: queries per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1  # > 1: the step's batch in this many chunks, losses and gradients by GradCache (exact)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    clip: float = 1.0
+    schedule: Literal["mixed", "alternate"] = "mixed"  # both losses every step, or one task per step in turn
+    emb_weight: float = 1.0  # alpha
+    rank_weight: float = 1.0  # beta
+    aux_weights: dict[str, float] = field(default_factory=lambda: {"load_balance": 0.01})  # lambda per aux loss
+    # Units each router aux loss is taken over (aux_losses): "global" all the optimizer step's sequences/tokens,
+    # both tasks, all ranks (= "step" on one process) | "step" this rank's | "call" each single-task call alone
+    aux_scope: Literal["global", "step", "call"] = "global"
+    temperature: float = 0.05  # InfoNCE
+    cross_device_negatives: bool = True
+    rerank_loss: Literal["bce", "group"] = "bce"  # pointwise BCE, or group-wise softmax CE (localized contrastive)
+    rerank_head: Literal["yesno", "linear"] = "yesno"  # logit("yes") - logit("no"), or a linear head (ablation)
+    pooling: Literal["last", "first"] = "last"  # first-token pooling needs model.bidirectional
+    freeze_experts: list[str] = field(default_factory=list)  # experts kept at their current values
+    eval_every: int = 100
+    save_every: int = 100
+    rerank_topk: int = 100  # dev reranking depth
+    max_bad_steps: int = 5  # this many bad steps in a row (non-finite, or an update above max_update_rms) stop the run
+    # An update whose RMS over all trainable elements, sqrt(sum (p' - p)^2 / N), exceeds this is undone and counts as
+    # a bad step (Adam moves each element by about lr, so RMS ~ lr; 1.0 in one step is an explosion). null: off
+    max_update_rms: Optional[float] = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16_autocast: bool = True  # on CUDA only
+
+    def validate(self, where: str, key: str = "train") -> None:
+        _check_text(where, f"{key}.out_dir", self.out_dir)
+        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        _check_min(where, self, key, ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk",
+                                      "max_bad_steps"), 1)
+        _check_min(where, self, key, ("warmup_steps",), 0)
+        _check(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
+               f"a multiple of train.grad_accum {self.grad_accum}")
+        for name in ("lr", "temperature", "clip"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+        for name in ("weight_decay", "emb_weight", "rank_weight"):
+            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check(where, f"{key}.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        for name, w in self.aux_weights.items():
+            _check(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
+                   f"an aux loss among {', '.join(AUX_LOSSES)}")
+            _check(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
+        if self.max_update_rms is not None:
+            _check(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
+        for i, st in enumerate(self.stages):
+            st.validate(where, f"{key}.stages[{i}]")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapters: AdapterSection = field(default_factory=AdapterSection)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self, where: str) -> None:
+        """Every section's own ranges, then the rules across sections (experts of the mode, layers, tasks)."""
+        for section in (self.model, self.data, self.adapters, self.train):
+            section.validate(where)
+        t = self.train
+        if t.pooling == "first" and not self.model.bidirectional:
+            raise ConfigError(f"{where}: train.pooling 'first' sees only the first token under causal attention; "
+                              "set model.bidirectional: true or use 'last'")
+        if self.router.tasks != TASKS:
+            raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
+        try:
+            experts = [e.name for e in adapter_config(self).experts]
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        tasks = mode_tasks(t.mode)
+        for key, names in [("train.freeze_experts", t.freeze_experts)] + \
+                [(f"train.stages[{i}].freeze_experts", st.freeze_experts) for i, st in enumerate(t.stages)]:
+            for name in names:
+                _check(where, key, name, name in experts, f"an expert of mode {t.mode} ({', '.join(experts)})")
+        for i, st in enumerate(t.stages):
+            _check(where, f"train.stages[{i}].tasks", st.tasks, st.tasks in ["both"] + tasks,
+                   f"'both' or a task mode {t.mode} trains ({', '.join(tasks)})")
+        weights = [getattr(t, {"embed": "emb_weight", "rerank": "rank_weight"}[x]) for x in tasks]
+        _check(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
+               f"> 0 for at least one task mode {t.mode} trains")
+        layers = self.adapters.layers
+        if layers is not None and self.model.path is None:  # the tiny base's depth is known now; a model
+            n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs
+            _check(where, "adapters.layers", layers, max(layers) < n, f"layer indices < model.tiny.num_hidden_layers "
+                   f"{n}")
+
+
+# --------------------------------------------------------------------------------------------- YAML
+def _check_value(value, hint, where: str, key: str):
+    """Check one YAML value (at `key` of the config file `where`) against its field type and return it (an int is
+    accepted for a float; a float must be finite)."""
+    at = f"{where}: {key}"
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        return _check_value(value, next(a for a in args if a is not type(None)), where, key)
+    if origin is Literal:
+        allowed = args[0] if len(args) == 1 and isinstance(args[0], tuple) else args
+        if value not in allowed:
+            raise ConfigError(f"{at}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{at}: expected a list, got {value!r}")
+        return [_check_value(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{at}: expected a mapping, got {value!r}")
+        return {k: _check_value(v, args[1], where, f"{key}.{k}") for k, v in value.items()} if args else value
+    if is_dataclass(hint):
+        return from_dict(hint, value, where, key)
+    if hint is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{at}: expected a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+        raise ConfigError(f"{at}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, d, where: str, key: str = ""):
+    """Build dataclass `cls` (at `key` of the config file `where`) from a mapping, 1:1: an unknown key, a missing
+    required key or a value of the wrong type is a ConfigError naming the file and the key."""
+    at = f"{where}: {key}" if key else where
+    if not isinstance(d, dict):
+        raise ConfigError(f"{at}: expected a mapping, got {d!r}")
+    hints, known = get_type_hints(cls), [f.name for f in fields(cls)]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ConfigError(f"{at}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+    values = {k: _check_value(v, hints[k], where, f"{key}.{k}" if key else k) for k, v in d.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{at}: {e}") from None
+    except ValueError as e:  # a dataclass that validates itself (RouterConfig: "router.fn: must be one of ...")
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML parse error (syntax, or a tag safe_load refuses such as !!python/object) as one line with its place."""
+    mark = getattr(e, "problem_mark", None)
+    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(e, "problem", None) or str(e)
+    return ConfigError(f"{place}: not valid YAML ({' '.join(str(problem).split())})")
+
+
+def read_yaml(path: str, _chain: tuple = ()) -> dict:
+    """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is read first, then overridden.
+    An empty file, a top level that is not a mapping and a `base:` cycle are ConfigErrors."""
+    chain = _chain + (path,)
+    if os.path.realpath(path) in [os.path.realpath(p) for p in _chain]:
+        raise ConfigError(f"{_chain[-1]}: base: {path} closes a cycle {' -> '.join(chain)}")
+    if not os.path.isfile(path):
+        via = f" (base: of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"{path}: config file not found{via}")
+    with open(path, "rb") as f:  # bytes: yaml reports an undecodable file as a YAMLError with its position
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise _yaml_error(path, e) from None
+    if d is None:
+        raise ConfigError(f"{path}: the config file is empty (expected a mapping of sections: "
+                          f"{', '.join(f.name for f in fields(Config))})")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is not None:
+        _check_text(path, "base", base)
+        d = _merge(read_yaml(os.path.join(os.path.dirname(path), base), chain), d)
+    return d
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """YAML file + `--section.key=value` overrides (each value parsed as YAML) -> validated Config."""
+    where = path + (" (with overrides)" if overrides else "")
+    return config_from_dict(apply_overrides(read_yaml(path), overrides), where)
+
+
+def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
+    """Set each `--section.key=value` (value parsed as YAML) in the config mapping d, in place; returns d."""
+    for o in overrides:
+        if not o.startswith("--") or "=" not in o:
+            raise ConfigError(f"override {o!r}: expected --section.key=value")
+        keys, value = o[2:].split("=", 1)
+        *parents, last = keys.split(".")
+        if not all(parents + [last]):
+            raise ConfigError(f"override {o!r}: empty key in {keys!r} (expected --section.key=value)")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {o!r}: {p!r} is not a section")
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise _yaml_error(f"override {o!r}", e) from None
+    return d
+
+
+def config_from_dict(d: dict, where: str) -> Config:
+    """A config mapping -> Config with the mode's routing filled in (resolve_mode), validated."""
+    cfg = from_dict(Config, d, where)
+    resolve_mode(cfg, d.get("router") or {}, where)
+    cfg.validate(where)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- the mode table
+@dataclass(frozen=True)
+class Mode:
+    """What one train.mode means. experts: the task experts (rank adapters.r), in order; shared: the shared expert
+    (rank adapters.shared_r) is absent (None), "always" on, or as adapters.shared says ("adapters"); router_kinds:
+    the router.kind values it allows (the first when the YAML names none); task_experts: the fixed table of a
+    task-routed mode (router.task_experts), None where the YAML's own table is used (kind "retriever"'s pilots)."""
+    tasks: tuple
+    experts: tuple
+    shared: Optional[str]
+    router_kinds: tuple
+    task_experts: Optional[dict] = None
+
+
+def _single(expert: str, tasks: tuple) -> Mode:
+    """One LoRA, always on: a fixed router that gives every task that expert."""
+    return Mode(tasks, (expert,), None, ("task",), {t: [expert] for t in TASKS})
+
+
+_PER_TASK = {"embed": ["embed"], "rerank": ["rerank"]}  # jina-v3 style: each task its own expert
+MODE_TABLE = {
+    "emb_only": _single("embed", ("embed",)),
+    "rank_only": _single("rerank", ("rerank",)),
+    "joint_single": _single("joint", tuple(TASKS)),
+    "hard_switch": Mode(tuple(TASKS), ("embed", "rerank"), None, ("task",), _PER_TASK),
+    "hard_switch_shared": Mode(tuple(TASKS), ("embed", "rerank"), "always", ("task",), _PER_TASK),
+    # a learned router, or RouterRetriever's untrained one (router.kind "retriever")
+    "joint_moe": Mode(tuple(TASKS), ("embed", "rerank"), "adapters", ("learned", "retriever")),
+    "no_shared": Mode(tuple(TASKS), ("embed", "rerank"), None, ("learned", "retriever")),
+}
+
+
+def resolve_mode(cfg: Config, router_yaml: dict, where: str) -> None:
+    """Fill router.kind and router.task_experts from train.mode's row of MODE_TABLE, in place, so the config says
+    what is built. A key the YAML gives (router_yaml: the raw `router:` mapping) that contradicts the mode is one
+    ConfigError naming it; a value equal to what the mode implies is accepted. router.aux_losses is not a knob:
+    every aux loss is computed and logged where it applies and train.aux_weights weighs them (the one place)."""
+    mode, r = MODE_TABLE[cfg.train.mode], cfg.router
+    if "kind" in router_yaml and r.kind not in mode.router_kinds:
+        raise ConfigError(f"{where}: router.kind {r.kind!r} contradicts train.mode {cfg.train.mode!r}, which routes "
+                          f"with {' or '.join(map(repr, mode.router_kinds))}; drop router.kind or change the mode")
+    if "kind" not in router_yaml:
+        r.kind = mode.router_kinds[0]
+    if mode.task_experts is not None:
+        if "task_experts" in router_yaml and r.task_experts != mode.task_experts:
+            raise ConfigError(f"{where}: router.task_experts {r.task_experts} contradicts train.mode "
+                              f"{cfg.train.mode!r}, which gives {mode.task_experts}; drop router.task_experts")
+        r.task_experts = {t: list(v) for t, v in mode.task_experts.items()}
+    if r.aux_losses != list(AUX_LOSSES):
+        raise ConfigError(f"{where}: router.aux_losses {r.aux_losses} is not a setting: every aux loss is computed "
+                          "and logged where it applies; weigh them with train.aux_weights (unlisted: weight 0)")
+    try:
+        r.validate()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def adapter_config(cfg: Config) -> moe_lora.MoELoRAConfig:
+    """train.mode (MODE_TABLE) -> which experts exist and whether a shared expert is always on; the routing is the
+    (resolved) router section."""
+    a, mode = cfg.adapters, MODE_TABLE[cfg.train.mode]
+    experts = [moe_lora.ExpertSpec(name, a.r, a.alpha) for name in mode.experts]
+    shared = a.shared if mode.shared == "adapters" else mode.shared
+    if shared is not None:
+        experts.append(moe_lora.ExpertSpec("shared", a.shared_r, a.shared_alpha))
+    return moe_lora.MoELoRAConfig(experts=experts, targets=list(a.targets), layers=a.layers, rslora=a.rslora,
+                                  dropout=a.dropout, shared=shared, router=RouterConfig(**asdict(cfg.router)))
+
+
+def mode_tasks(mode: str) -> list:
+    """The tasks train.mode trains."""
+    return list(MODE_TABLE[mode].tasks)

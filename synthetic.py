@@ -1,0 +1,231 @@
+"""The built-in synthetic task behind the tiny default config: a BEIR folder + train.jsonl + a small BPE tokenizer,
+written atomically, byte-identical for the same arguments.
+
+    python synthetic.py OUT_DIR [--seed N]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from config import RERANK_PREFIX, RERANK_SUFFIX, format_query, format_rerank_pair
+from data import QRELS_HEADER, build_dir_atomically, write_train_jsonl
+from ir import write_text_atomic
+from model import ArgumentParser, run_cli
+
+
+# --------------------------------------------------------------------------------------------- synthetic task
+# A retrieval task that word overlap cannot solve but a model can learn:
+#   * concepts: n_concepts ideas, each written as one of n_forms made-up synonymous words ("tovami" / "ruke");
+#   * a document states concepts_per_doc concepts, each in one of its forms, among filler words (15-27 words);
+#     no two documents share a pair of concepts, so a pair of concepts identifies exactly one document;
+#   * a query (4-7 words) names two concepts of its target document, each in a form the document does NOT use,
+#     among query-only filler words, so the target shares no word with its query (BM25 nDCG@10 = 0);
+#   * lexical traps: other documents that contain one of the query's concepts in the query's exact word.
+# qrels: the target has score 2 and is the only judged document (partial matches are deliberately not labelled
+# relevant: they are exactly the lexical traps, and rewarding them would reward overlap). Dev and test targets
+# are documents never used as a training positive. train.jsonl negatives, hardest first: half (rounded up)
+# lexical traps, then documents sharing one query concept in another form, topped up from the other tier and
+# then from random documents; with random_negs = m the last m are random documents sharing no query concept
+# (easy negatives next to the hard ones, as in-batch negatives are for a bi-encoder). lexicon.json lists each concept's forms (for oracle checks and reading).
+# Defaults: 150 concepts x 2 forms (3 forms also works but a bag-of-words probe learns it about half as fast),
+# 3 concepts per document. vocab_size is an upper bound: BPE stops once every word is one token (~1230).
+DOC_FILLER = ("the a report notes that this record shows our team saw some new old data from near every with "
+              "each then also its unit during after before under over field sample result value level stage "
+              "group part was has had been").split()
+QUERY_FILLER = "what which where find show me is are about does do how tell list any who".split()
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def _made_up_words(rng: random.Random, n: int, reserved: set) -> list:
+    words, seen = [], set(reserved)
+    while len(words) < n:
+        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return words
+
+
+def _doc_pairs(concepts: list) -> list:
+    """The concept pairs of a document, each as a sorted tuple."""
+    s = sorted(concepts)
+    return [(a, b) for i, a in enumerate(s) for b in s[i + 1:]]
+
+
+def _with_word(rng: random.Random, filler: list, word: str) -> list:
+    """filler words with `word` inserted at a random position after the first, so that concept words always follow
+    a space (byte-level BPE gives "word" and " word" different tokens; Qwen's query template has "Query:{query}")."""
+    pos = rng.randint(1, len(filler))
+    return filler[:pos] + [word] + filler[pos:]
+
+
+def _train_tokenizer(texts: list, vocab_size: int):
+    """A small byte-level BPE (Qwen's family of tokenizer: any text round-trips, no unknown tokens)."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int = 2000, n_dev: int = 200,
+                   n_test: int = 200, n_concepts: int = 150, n_forms: int = 2, concepts_per_doc: int = 3,
+                   same_form: int = 0, shared_stems: bool = True,
+                   n_neg: int = 8, random_negs: int = 0, vocab_size: int = 1536) -> dict:
+    """Write the synthetic task (design above) to out_dir; same arguments -> byte-identical files.
+
+    out_dir appears only complete (build_dir_atomically): a kill leaves at most a temporary sibling, removed by
+    the next call; an existing out_dir is kept as it is.
+
+    Files: corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv (disjoint query sets), train.jsonl,
+    tokenizer.json + tokenizer_config.json, lexicon.json. Returns a small summary dict.
+    """
+    n_eval = n_dev + n_test
+    pairs_per_doc = concepts_per_doc * (concepts_per_doc - 1) // 2
+    if not 0 <= random_negs <= n_neg:
+        raise ValueError(f"need 0 <= random_negs <= n_neg, got {random_negs}, {n_neg}")
+    if n_forms < 2 or concepts_per_doc < 2:
+        raise ValueError("need n_forms >= 2 (queries use another form) and concepts_per_doc >= 2")
+    if n_docs * pairs_per_doc > 0.6 * n_concepts * (n_concepts - 1) / 2:
+        raise ValueError(f"{n_concepts} concepts have too few pairs for {n_docs} documents; raise n_concepts")
+    if n_eval >= n_docs or n_train > (n_docs - n_eval) * pairs_per_doc:
+        raise ValueError(f"{n_docs} documents cannot hold {n_eval} dev/test and {n_train} train targets")
+    rng = random.Random(seed)
+
+    # Lexicon and documents. A doc is (concepts, forms); pair_owner enforces "a pair of concepts -> one doc".
+    reserved = set(DOC_FILLER) | set(QUERY_FILLER) | {"yes", "no"}
+    if shared_stems:  # a concept's forms are stem-suffix compounds ("tova-mi" / "tova-ku"): whole words differ,
+        # subword tokens share the stem, so a model can learn the task quickly while word overlap cannot solve it
+        stems = _made_up_words(rng, n_concepts, reserved)
+        lexicon = [[f"{stem}-{suf}" for suf in rng.sample(_SYLLABLES, n_forms)] for stem in stems]
+    else:  # unrelated made-up synonyms: much harder (needs many more steps)
+        words = _made_up_words(rng, n_concepts * n_forms, reserved)
+        lexicon = [words[c * n_forms:(c + 1) * n_forms] for c in range(n_concepts)]
+    docs, pair_owner = [], {}
+    while len(docs) < n_docs:
+        concepts = rng.sample(range(n_concepts), concepts_per_doc)
+        pairs = _doc_pairs(concepts)
+        if any(p in pair_owner for p in pairs):
+            continue
+        for p in pairs:
+            pair_owner[p] = len(docs)
+        docs.append((concepts, [rng.randrange(n_forms) for _ in concepts]))
+    doc_texts = []
+    for concepts, forms in docs:
+        words_ = []
+        for c, f in zip(concepts, forms):
+            words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(4, 8)), lexicon[c][f])
+        doc_texts.append(" ".join(words_))
+    with_concept = [[] for _ in range(n_concepts)]  # concept -> [(doc, form)]
+    for d, (concepts, forms) in enumerate(docs):
+        for c, f in zip(concepts, forms):
+            with_concept[c].append((d, f))
+
+    # Query targets: dev/test take distinct documents never used as a training positive; train cycles over the
+    # remaining documents, taking an unused concept pair of the document each time round.
+    order = list(range(n_docs))
+    rng.shuffle(order)
+    eval_docs, train_docs = order[:n_eval], order[n_eval:]
+    used = {d: set() for d in train_docs}
+    train_targets = []
+    for i in range(n_train):
+        d = train_docs[i % len(train_docs)]
+        pair = rng.choice([p for p in _doc_pairs(docs[d][0]) if p not in used[d]])
+        used[d].add(pair)
+        train_targets.append((d, pair))
+    targets = train_targets + [(d, rng.choice(_doc_pairs(docs[d][0]))) for d in eval_docs]  # train, dev, test
+
+    queries, train_lines = [], []
+    for qi, (d, pair) in enumerate(targets):
+        concepts, forms = docs[d]
+        # The first `same_form` concepts of the pair keep the target's own word (lexical overlap that also matches
+        # the traps); the others are written with a synonym the target does not contain.
+        qforms = {c: forms[concepts.index(c)] if j < same_form else
+                  rng.choice([f for f in range(n_forms) if f != forms[concepts.index(c)]]) for j, c in enumerate(pair)}
+        qwords = rng.sample(QUERY_FILLER, rng.randint(2, 5))
+        first, second = rng.sample(pair, 2)
+        qwords = _with_word(rng, qwords, lexicon[first][qforms[first]])
+        qwords = _with_word(rng, qwords, lexicon[second][qforms[second]])
+        queries.append(" ".join(qwords))
+        if qi < n_train:
+            traps = sorted({e for c in pair for e, f in with_concept[c] if f == qforms[c]} - {d})
+            shared = sorted({e for c in pair for e, _ in with_concept[c]} - set(traps) - {d})
+            rng.shuffle(traps)
+            rng.shuffle(shared)
+            n_hard = n_neg - random_negs
+            k = min(len(traps), math.ceil(n_hard / 2))
+            negs = traps[:k] + shared[: n_hard - k]
+            negs += traps[k:k + n_hard - len(negs)]
+            while len(negs) < n_hard:
+                e = rng.randrange(n_docs)
+                if e != d and e not in negs:
+                    negs.append(e)
+            related = set(traps) | set(shared)
+            while len(negs) < n_neg:  # random_negs documents that share no concept with the query
+                e = rng.randrange(n_docs)
+                if e != d and e not in negs and e not in related:
+                    negs.append(e)
+            train_lines.append({"query": queries[-1], "pos": [doc_texts[d]], "neg": [doc_texts[e] for e in negs]})
+
+    # Tokenizer, trained on everything the model will read, templates included (repeated so their words become
+    # whole tokens: prompts stay short), and "yes"/"no" as standalone texts so each is a single token.
+    templates = RERANK_PREFIX + format_rerank_pair("q", "d") + RERANK_SUFFIX + "\n" + format_query("q")
+    for special in SPECIAL_TOKENS:  # special tokens are added whole, not learnt from text
+        templates = templates.replace(special, "\n")
+    tok = _train_tokenizer(doc_texts + queries + [templates] * 50 + ["yes", "no"] * 50, vocab_size)
+    for word in ("yes", "no"):
+        if tok.token_to_id(word) is None:
+            raise RuntimeError(f"synthetic tokenizer: {word!r} is not a single token")
+
+    # Files, into a temporary sibling renamed to out_dir when complete (an existing out_dir is kept).
+    qid = [f"q{i:05d}" for i in range(len(targets))]
+    did = [f"d{j:05d}" for j in range(n_docs)]
+    splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
+              "test": range(n_train + n_dev, n_train + n_eval)}
+
+    def write(d: str) -> None:
+        write_text_atomic(os.path.join(d, "corpus.jsonl"), "".join(
+            json.dumps({"_id": did[j], "title": "", "text": t}) + "\n" for j, t in enumerate(doc_texts)))
+        write_text_atomic(os.path.join(d, "queries.jsonl"), "".join(
+            json.dumps({"_id": qid[i], "text": q}) + "\n" for i, q in enumerate(queries)))
+        for split, rows in splits.items():
+            write_text_atomic(os.path.join(d, "qrels", f"{split}.tsv"), "\t".join(QRELS_HEADER) + "\n" + "".join(
+                f"{qid[i]}\t{did[targets[i][0]]}\t2\n" for i in rows))
+        write_train_jsonl(os.path.join(d, "train.jsonl"), train_lines)
+        write_text_atomic(os.path.join(d, "lexicon.json"), json.dumps({"concepts": lexicon}, indent=1) + "\n")
+        write_text_atomic(os.path.join(d, "tokenizer.json"), tok.to_str(pretty=True) + "\n")
+        write_text_atomic(os.path.join(d, "tokenizer_config.json"), json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
+
+    build_dir_atomically(out_dir, write)
+    return {"out_dir": out_dir, "docs": n_docs, "train": n_train, "dev": n_dev, "test": n_test,
+            "vocab_size": tok.get_vocab_size()}
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(prog="synthetic.py", description="write the built-in synthetic task (BEIR folder + "
+                            "train.jsonl + tokenizer)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(make_synthetic(args.out_dir, seed=args.seed)))
+
+
+def cli(argv=None) -> int:
+    """`python synthetic.py OUT_DIR` through the CLIs' one error path (model.run_cli)."""
+    return run_cli("synthetic.py", main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
