@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.checkpoint import checkpoint
 
 from router import finalize_over_layers
@@ -426,8 +428,6 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.float32, device: str |
     Keys are checked strictly; a bare-backbone checkpoint (keys without "model.", e.g. an embedding model saved as
     Qwen3Model) is read with that prefix added. A tied lm_head.weight in the file is redundant and skipped.
     """
-    from safetensors import safe_open
-
     files = _checkpoint_files(path)
     cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
     with torch.device("meta"):
@@ -525,8 +525,6 @@ class Tokenizer:
 
 def load_tokenizer(path: str, eos_token: Optional[str] = None) -> Tokenizer:
     """Load `<path>/tokenizer.json` (path may be the directory or the file itself)."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     fn = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(fn):
         raise CheckpointError(f"{fn}: tokenizer.json not found")

@@ -30,6 +30,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from router import BASE_EMBEDDING, LearnedRouter, RetrieverRouter, RouterConfig, TaskRouter, pool
 
@@ -451,8 +453,6 @@ def set_pilot_embeddings(model, inputs: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- save / load
 def save_adapters(model, path: str) -> None:
     """Write the adapter tensors to a safetensors file, the MoELoRAConfig as JSON in its string metadata."""
-    from safetensors.torch import save_file
-
     cfg = get_config(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, path, metadata={"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())})
@@ -464,8 +464,6 @@ def load_adapters(model, path: str) -> MoELoRAConfig:
     The model may be plain (attach is done here) or already carry experts with the very same spec. Keys and shapes
     are checked strictly; errors name the file.
     """
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: adapter file not found")
     with safe_open(path, framework="pt", device="cpu") as f:

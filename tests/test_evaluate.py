@@ -362,6 +362,18 @@ def close(a, b):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_mteb_query_vectors_equal_encode_queries_for_both_append_eos_values(run, append_eos):
+    """The MTEB encoder tokenises queries through the model's own path (issue 12: it re-tokenised them with
+    add_eos=True hard-coded, so with data.append_eos false its query vectors differed from encode_queries)."""
+    um = unimoer.load_run(run)
+    um.cfg.data.append_eos = append_eos
+    enc = unimoer.MTEBEncoder(um)
+    close(enc.encode(TEXTS, prompt_type="query", batch_size=2), um.encode_queries(TEXTS))
+    last = um.tokens_queries(TEXTS)["input_ids"][:, -1]  # left padding: the last column is each query's end
+    assert (last == um.tok.eos_id).all().item() is append_eos
+
+
 def test_mteb_encoder_returns_one_unit_float32_row_per_sentence(mteb_encoder):
     for prompt_type in ("query", "document", None):
         emb = mteb_encoder.encode(TEXTS, task_name="SciFact", prompt_type=prompt_type, batch_size=2)

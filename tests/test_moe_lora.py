@@ -252,6 +252,39 @@ def test_a_single_always_on_expert_is_a_plain_lora_with_no_router():
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight) + hand_lora(x, lin, "lora", 2.0), atol=1e-6, rtol=1e-6)
 
 
+
+def gates_left(model) -> list:
+    return [m.gate for m in model.modules() if isinstance(m, MoELoRALinear) and m.gate is not None]
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_no_module_holds_routing_state_after_a_forward_or_its_backward(grad_checkpointing):
+    """The gate a block's MoE linears read is set at block entry and taken back when the block is done (issue 12:
+    it used to stay behind, referencing the router graph, until a caller remembered clear_routing)."""
+    model = attached(MoELoRAConfig())  # learned routers on every layer
+    model.train()
+    model.gradient_checkpointing = grad_checkpointing
+    ids, mask, tasks = batch()
+    seen = []  # the gates are there while the block runs
+    model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(m.gate is not None))
+    out = model(ids, mask, task_ids=tasks)
+    assert seen == [True] and gates_left(model) == []
+    out.hidden.sum().backward()  # under checkpointing the recompute sets and takes back the gates again
+    assert gates_left(model) == [] and seen == [True] * (2 if grad_checkpointing else 1)
+
+
+def test_a_failing_block_leaves_no_routing_state():
+    model = attached(MoELoRAConfig())
+    ids, mask, tasks = batch()
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(ids, mask, task_ids=tasks)
+    assert gates_left(model) == []
+
 def test_token_level_routing_gives_per_token_weights():
     out = captured(attached(MoELoRAConfig(router=RouterConfig(granularity="token"))))
     assert [w.shape for _, w in out.routing] == [(3, 6, 3)] * 3
