@@ -57,6 +57,7 @@ import config
 import data
 import evaluate
 import ir
+import losses
 import moe_lora
 import train
 import unimoer
@@ -367,7 +368,7 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
     total = sum(st.steps for st in t.stages) if t.stages else t.steps
     steps = sorted(set(np.linspace(0, total - 1, n_batches).round().astype(int).tolist()))
     group = 1 + cfg.data.n_neg
-    rank_fn = train.bce_loss if t.rerank_loss == "bce" else train.group_ce_loss
+    rank_fn = losses.bce_loss if t.rerank_loss == "bce" else losses.group_ce_loss
     params, groups = gradient_groups(um, base_probe)
     frozen = [p for p in params.values() if not p.requires_grad]
     per_group = {g: [] for g in groups}
@@ -381,7 +382,7 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
 
             def loss_emb():
                 out = um(queries=q_tok, docs=d_tok)
-                return t.emb_weight * train.info_nce_loss(out["q"], out["d"], t.temperature, cross_device=False)
+                return t.emb_weight * losses.info_nce_loss(out["q"], out["d"], t.temperature, cross_device=False)
 
             def loss_rank():
                 return t.rank_weight * rank_fn(um(pairs=p_tok)["scores"], group)

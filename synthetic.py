@@ -91,6 +91,35 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     tokenizer.json + tokenizer_config.json, lexicon.json. Returns a small summary dict.
     """
     n_eval = n_dev + n_test
+    _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs)
+    rng = random.Random(seed)  # one stream, consumed in the order of the steps below
+    lexicon = _lexicon(rng, n_concepts, n_forms, shared_stems)
+    docs, doc_texts = _documents(rng, lexicon, n_docs, concepts_per_doc)
+    with_concept = [[] for _ in range(n_concepts)]  # concept -> [(doc, form)]
+    for d, (concepts, forms) in enumerate(docs):
+        for c, f in zip(concepts, forms):
+            with_concept[c].append((d, f))
+    targets = _targets(rng, docs, n_train, n_eval)
+    queries, train_lines = [], []
+    for qi, (d, pair) in enumerate(targets):
+        text, qforms = _query(rng, docs[d], pair, lexicon, same_form)
+        queries.append(text)
+        if qi < n_train:
+            negs = _negatives(rng, d, pair, qforms, with_concept, n_docs, n_neg, random_negs)
+            train_lines.append({"query": text, "pos": [doc_texts[d]], "neg": [doc_texts[e] for e in negs]})
+    tok = _task_tokenizer(doc_texts, queries, vocab_size)
+    qid = [f"q{i:05d}" for i in range(len(targets))]
+    did = [f"d{j:05d}" for j in range(n_docs)]
+    splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
+              "test": range(n_train + n_dev, n_train + n_eval)}
+    qrels = {split: [(qid[i], did[targets[i][0]]) for i in rows] for split, rows in splits.items()}
+    build_dir_atomically(out_dir, lambda tmp: _write_task(tmp, did, doc_texts, qid, queries, qrels, train_lines,
+                                                          lexicon, tok))
+    return {"out_dir": out_dir, "docs": n_docs, "train": n_train, "dev": n_dev, "test": n_test,
+            "vocab_size": tok.get_vocab_size()}
+
+
+def _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs) -> None:
     pairs_per_doc = concepts_per_doc * (concepts_per_doc - 1) // 2
     if not 0 <= random_negs <= n_neg:
         raise ValueError(f"need 0 <= random_negs <= n_neg, got {random_negs}, {n_neg}")
@@ -100,17 +129,22 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
         raise ValueError(f"{n_concepts} concepts have too few pairs for {n_docs} documents; raise n_concepts")
     if n_eval >= n_docs or n_train > (n_docs - n_eval) * pairs_per_doc:
         raise ValueError(f"{n_docs} documents cannot hold {n_eval} dev/test and {n_train} train targets")
-    rng = random.Random(seed)
 
-    # Lexicon and documents. A doc is (concepts, forms); pair_owner enforces "a pair of concepts -> one doc".
+
+def _lexicon(rng: random.Random, n_concepts: int, n_forms: int, shared_stems: bool) -> list:
+    """[concept][form] -> word."""
     reserved = set(DOC_FILLER) | set(QUERY_FILLER) | {"yes", "no"}
     if shared_stems:  # a concept's forms are stem-suffix compounds ("tova-mi" / "tova-ku"): whole words differ,
         # subword tokens share the stem, so a model can learn the task quickly while word overlap cannot solve it
         stems = _made_up_words(rng, n_concepts, reserved)
-        lexicon = [[f"{stem}-{suf}" for suf in rng.sample(_SYLLABLES, n_forms)] for stem in stems]
-    else:  # unrelated made-up synonyms: much harder (needs many more steps)
-        words = _made_up_words(rng, n_concepts * n_forms, reserved)
-        lexicon = [words[c * n_forms:(c + 1) * n_forms] for c in range(n_concepts)]
+        return [[f"{stem}-{suf}" for suf in rng.sample(_SYLLABLES, n_forms)] for stem in stems]
+    words = _made_up_words(rng, n_concepts * n_forms, reserved)  # unrelated made-up synonyms: much harder
+    return [words[c * n_forms:(c + 1) * n_forms] for c in range(n_concepts)]
+
+
+def _documents(rng: random.Random, lexicon: list, n_docs: int, concepts_per_doc: int) -> tuple:
+    """-> (docs [(concepts, forms)], their texts). pair_owner enforces "a pair of concepts -> one doc"."""
+    n_concepts, n_forms = len(lexicon), len(lexicon[0])
     docs, pair_owner = [], {}
     while len(docs) < n_docs:
         concepts = rng.sample(range(n_concepts), concepts_per_doc)
@@ -126,14 +160,14 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
         for c, f in zip(concepts, forms):
             words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(4, 8)), lexicon[c][f])
         doc_texts.append(" ".join(words_))
-    with_concept = [[] for _ in range(n_concepts)]  # concept -> [(doc, form)]
-    for d, (concepts, forms) in enumerate(docs):
-        for c, f in zip(concepts, forms):
-            with_concept[c].append((d, f))
+    return docs, doc_texts
 
-    # Query targets: dev/test take distinct documents never used as a training positive; train cycles over the
-    # remaining documents, taking an unused concept pair of the document each time round.
-    order = list(range(n_docs))
+
+def _targets(rng: random.Random, docs: list, n_train: int, n_eval: int) -> list:
+    """[(doc, concept pair)] of the train, dev and test queries, in that order. Dev/test take distinct documents
+    never used as a training positive; train cycles over the remaining documents, taking an unused concept pair of
+    the document each time round."""
+    order = list(range(len(docs)))
     rng.shuffle(order)
     eval_docs, train_docs = order[:n_eval], order[n_eval:]
     used = {d: set() for d in train_docs}
@@ -143,42 +177,50 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
         pair = rng.choice([p for p in _doc_pairs(docs[d][0]) if p not in used[d]])
         used[d].add(pair)
         train_targets.append((d, pair))
-    targets = train_targets + [(d, rng.choice(_doc_pairs(docs[d][0]))) for d in eval_docs]  # train, dev, test
+    return train_targets + [(d, rng.choice(_doc_pairs(docs[d][0]))) for d in eval_docs]
 
-    queries, train_lines = [], []
-    for qi, (d, pair) in enumerate(targets):
-        concepts, forms = docs[d]
-        # The first `same_form` concepts of the pair keep the target's own word (lexical overlap that also matches
-        # the traps); the others are written with a synonym the target does not contain.
-        qforms = {c: forms[concepts.index(c)] if j < same_form else
-                  rng.choice([f for f in range(n_forms) if f != forms[concepts.index(c)]]) for j, c in enumerate(pair)}
-        qwords = rng.sample(QUERY_FILLER, rng.randint(2, 5))
-        first, second = rng.sample(pair, 2)
-        qwords = _with_word(rng, qwords, lexicon[first][qforms[first]])
-        qwords = _with_word(rng, qwords, lexicon[second][qforms[second]])
-        queries.append(" ".join(qwords))
-        if qi < n_train:
-            traps = sorted({e for c in pair for e, f in with_concept[c] if f == qforms[c]} - {d})
-            shared = sorted({e for c in pair for e, _ in with_concept[c]} - set(traps) - {d})
-            rng.shuffle(traps)
-            rng.shuffle(shared)
-            n_hard = n_neg - random_negs
-            k = min(len(traps), math.ceil(n_hard / 2))
-            negs = traps[:k] + shared[: n_hard - k]
-            negs += traps[k:k + n_hard - len(negs)]
-            while len(negs) < n_hard:
-                e = rng.randrange(n_docs)
-                if e != d and e not in negs:
-                    negs.append(e)
-            related = set(traps) | set(shared)
-            while len(negs) < n_neg:  # random_negs documents that share no concept with the query
-                e = rng.randrange(n_docs)
-                if e != d and e not in negs and e not in related:
-                    negs.append(e)
-            train_lines.append({"query": queries[-1], "pos": [doc_texts[d]], "neg": [doc_texts[e] for e in negs]})
 
-    # Tokenizer, trained on everything the model will read, templates included (repeated so their words become
-    # whole tokens: prompts stay short), and "yes"/"no" as standalone texts so each is a single token.
+def _query(rng: random.Random, doc: tuple, pair: tuple, lexicon: list, same_form: int) -> tuple:
+    """-> (query text, {concept: the form the query writes it in}). The first `same_form` concepts of the pair keep
+    the target's own word (lexical overlap that also matches the traps); the others are written with a synonym the
+    target does not contain."""
+    concepts, forms = doc
+    n_forms = len(lexicon[0])
+    qforms = {c: forms[concepts.index(c)] if j < same_form else
+              rng.choice([f for f in range(n_forms) if f != forms[concepts.index(c)]]) for j, c in enumerate(pair)}
+    qwords = rng.sample(QUERY_FILLER, rng.randint(2, 5))
+    first, second = rng.sample(pair, 2)
+    qwords = _with_word(rng, qwords, lexicon[first][qforms[first]])
+    qwords = _with_word(rng, qwords, lexicon[second][qforms[second]])
+    return " ".join(qwords), qforms
+
+
+def _negatives(rng: random.Random, d: int, pair: tuple, qforms: dict, with_concept: list, n_docs: int, n_neg: int,
+               random_negs: int) -> list:
+    """A training query's negative documents, hardest first (the tiers of the design above)."""
+    traps = sorted({e for c in pair for e, f in with_concept[c] if f == qforms[c]} - {d})
+    shared = sorted({e for c in pair for e, _ in with_concept[c]} - set(traps) - {d})
+    rng.shuffle(traps)
+    rng.shuffle(shared)
+    n_hard = n_neg - random_negs
+    k = min(len(traps), math.ceil(n_hard / 2))
+    negs = traps[:k] + shared[: n_hard - k]
+    negs += traps[k:k + n_hard - len(negs)]
+    while len(negs) < n_hard:
+        e = rng.randrange(n_docs)
+        if e != d and e not in negs:
+            negs.append(e)
+    related = set(traps) | set(shared)
+    while len(negs) < n_neg:  # random_negs documents that share no concept with the query
+        e = rng.randrange(n_docs)
+        if e != d and e not in negs and e not in related:
+            negs.append(e)
+    return negs
+
+
+def _task_tokenizer(doc_texts: list, queries: list, vocab_size: int):
+    """Trained on everything the model will read, templates included (repeated so their words become whole tokens:
+    prompts stay short), and "yes"/"no" as standalone texts so each is a single token."""
     templates = RERANK_PREFIX + format_rerank_pair("q", "d") + RERANK_SUFFIX + "\n" + format_query("q")
     for special in SPECIAL_TOKENS:  # special tokens are added whole, not learnt from text
         templates = templates.replace(special, "\n")
@@ -186,31 +228,25 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     for word in ("yes", "no"):
         if tok.token_to_id(word) is None:
             raise RuntimeError(f"synthetic tokenizer: {word!r} is not a single token")
+    return tok
 
-    # Files, into a temporary sibling renamed to out_dir when complete (an existing out_dir is kept).
-    qid = [f"q{i:05d}" for i in range(len(targets))]
-    did = [f"d{j:05d}" for j in range(n_docs)]
-    splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
-              "test": range(n_train + n_dev, n_train + n_eval)}
 
-    def write(d: str) -> None:
-        write_text_atomic(os.path.join(d, "corpus.jsonl"), "".join(
-            json.dumps({"_id": did[j], "title": "", "text": t}) + "\n" for j, t in enumerate(doc_texts)))
-        write_text_atomic(os.path.join(d, "queries.jsonl"), "".join(
-            json.dumps({"_id": qid[i], "text": q}) + "\n" for i, q in enumerate(queries)))
-        for split, rows in splits.items():
-            write_text_atomic(os.path.join(d, "qrels", f"{split}.tsv"), "\t".join(QRELS_HEADER) + "\n" + "".join(
-                f"{qid[i]}\t{did[targets[i][0]]}\t2\n" for i in rows))
-        write_train_jsonl(os.path.join(d, "train.jsonl"), train_lines)
-        write_text_atomic(os.path.join(d, "lexicon.json"), json.dumps({"concepts": lexicon}, indent=1) + "\n")
-        write_text_atomic(os.path.join(d, "tokenizer.json"), tok.to_str(pretty=True) + "\n")
-        write_text_atomic(os.path.join(d, "tokenizer_config.json"), json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
-
-    build_dir_atomically(out_dir, write)
-    return {"out_dir": out_dir, "docs": n_docs, "train": n_train, "dev": n_dev, "test": n_test,
-            "vocab_size": tok.get_vocab_size()}
+def _write_task(d: str, did: list, doc_texts: list, qid: list, queries: list, qrels: dict, train_lines: list,
+                lexicon: list, tok) -> None:
+    """The task's files into directory d (build_dir_atomically's temporary)."""
+    write_text_atomic(os.path.join(d, "corpus.jsonl"), "".join(
+        json.dumps({"_id": did[j], "title": "", "text": t}) + "\n" for j, t in enumerate(doc_texts)))
+    write_text_atomic(os.path.join(d, "queries.jsonl"), "".join(
+        json.dumps({"_id": qid[i], "text": q}) + "\n" for i, q in enumerate(queries)))
+    for split, rows in qrels.items():
+        write_text_atomic(os.path.join(d, "qrels", f"{split}.tsv"), "\t".join(QRELS_HEADER) + "\n" + "".join(
+            f"{q}\t{doc}\t2\n" for q, doc in rows))
+    write_train_jsonl(os.path.join(d, "train.jsonl"), train_lines)
+    write_text_atomic(os.path.join(d, "lexicon.json"), json.dumps({"concepts": lexicon}, indent=1) + "\n")
+    write_text_atomic(os.path.join(d, "tokenizer.json"), tok.to_str(pretty=True) + "\n")
+    write_text_atomic(os.path.join(d, "tokenizer_config.json"), json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
 
 
 def main(argv=None) -> None:

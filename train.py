@@ -7,10 +7,10 @@
     python train.py configs/tiny.yaml --debug                           # a bad input's traceback (else: one line)
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
-Reading order: check_inputs -> losses (each one visible function) -> the training loop: one step (forward_backward,
-GradCache for grad_accum > 1; optimizer_step, holding untrained experts), setup (prepare), train_step, main.
-The config is config.py's, the model unimoer.py's, the run directory and checkpoints runs.py's, the dev
-evaluation evaluate.py's.
+Reading order: check_inputs -> the training loop: one step (forward_backward, GradCache for grad_accum > 1;
+optimizer_step, holding untrained experts), setup (prepare, setup_run), train_step, main. The config is config.py's,
+the model unimoer.py's, the losses losses.py's, the run directory and checkpoints runs.py's, the dev evaluation
+evaluate.py's.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -37,8 +36,8 @@ import moe_lora
 import synthetic
 from config import Config, ConfigError, Stage, _check, load_config, mode_tasks
 from evaluate import dev_evaluate, dev_routing_texts, load_dev
+from losses import aux_losses, total_loss
 from model import UsageError, load_tokenizer, run_cli
-from router import finalize_over_layers
 from runs import (_append_jsonl, _truncate_jsonl, copy_dir_atomically, last_good_checkpoint,
                   load_trainer_state, open_run_dir, save_checkpoint, save_config, tiny_base_cache_dir,
                   write_tiny_base)
@@ -81,126 +80,6 @@ def check_inputs(cfg: Config, where: str) -> None:
         check_lengths(cfg, load_tokenizer(tok_source), where)
 
 
-# ------------------------------------------------------------------------------------------------ losses
-def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x over ranks; only the local slice carries gradient (the others are detached copies)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
-
-
-def loss_world(cross_device: bool) -> int:
-    """The factor info_nce_loss multiplies by (world size under DDP with cross-device negatives, else 1)."""
-    return dist.get_world_size() if cross_device and dist.is_available() and dist.is_initialized() else 1
-
-
-def info_nce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float, cross_device: bool) -> torch.Tensor:
-    """InfoNCE over in-batch and hard negatives: q (b, H), d (b * g, H) with query i's positive at row i * g.
-
-    cross_device (under DDP): queries and documents of all ranks are gathered, every rank computes the loss of the
-    whole global batch with gradients through its own slice only, and the loss is multiplied by world_size because
-    DDP averages gradients over ranks. This is the one place the scaling is done; the result equals one process on
-    the concatenated batch (tests/test_ddp.py). The returned value is the global mean times loss_world(...).
-    """
-    g = d.shape[0] // q.shape[0]
-    world = loss_world(cross_device)
-    if world > 1:
-        q, d = _gather_keep_local(q), _gather_keep_local(d)
-    scores = q @ d.t() / temperature  # (N, N * g)
-    labels = torch.arange(q.shape[0], device=q.device) * g
-    return F.cross_entropy(scores, labels) * world
-
-
-def bce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """Pointwise BCE on the relevance logits: (b * group,) with each group's first entry the positive."""
-    labels = torch.zeros_like(scores).view(-1, group)
-    labels[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(scores, labels.view(-1))
-
-
-def group_ce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """Group-wise softmax cross-entropy (localized contrastive): the positive against its own negatives."""
-    s = scores.view(-1, group)
-    return F.cross_entropy(s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device))
-
-
-def aux_losses(calls: Sequence[dict], scope: str) -> dict:
-    """The routers' aux losses of one optimizer step from their statistics -> {name: scalar}, each the mean over
-    the adapted layers of the loss over `scope`'s units (sequences, or non-pad tokens for token routing).
-
-    calls: [{name: [router.AuxStat per layer]}] of every base call of the step on this rank (queries, documents
-    and pairs of every GradCache chunk; UniMoER.forward's "aux_calls"). Load balance is N * sum_i f_i P_i with
-    f_i (Switch: dispatch fraction, no grad; DynMoLE: mean routed weight, with grad; LD-MoLE: share of all expert
-    activations) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022, eq. 4-6); z_loss and
-    entropy are means over the units. DynMoLE's load balance is one loss over layers x units, not a mean over layers
-    (router.finalize_over_layers).
-      "call":   each call on its own units, then the mean over calls. Every call holds one task, so load balance
-                then asks for balance within each task (the per-forward variant, kept for the ablation).
-      "step":   the union of all the step's calls on this rank, both tasks together (Switch's batch). Under DDP
-                each rank's own loss, averaged by DDP (per-device balancing).
-      "global": "step" with the statistics summed over DDP ranks (global-batch balancing, Qiu et al. 2025,
-                arXiv 2501.11873): the loss of the whole global batch, as one process on the concatenated batch
-                computes it. Like info_nce_loss, the value is multiplied by loss_world(True) and carries gradient
-                through this rank's units only, so DDP's gradient average is the global loss's gradient
-                (tests/test_ddp.py). Equal to "step" on one process.
-    """
-    names = sorted({k for c in calls for k in c})  # a fixed order: a set's follows PYTHONHASHSEED (per process)
-    per_call = {k: [c[k] for c in calls if k in c] for k in names}  # name -> [[AuxStat per layer] per call]
-    if scope == "call":
-        return {k: torch.stack([finalize_over_layers(layers) for layers in v]).mean() for k, v in per_call.items()}
-    union = {k: [sum(layer[1:], layer[0]) for layer in zip(*v)] for k, v in per_call.items()}  # per layer
-    world = loss_world(scope == "global")
-    if world > 1:
-        summed = iter(_sum_over_ranks([st for k in names for st in union[k]]))
-        union = {k: [next(summed) for _ in union[k]] for k in names}
-    return {k: finalize_over_layers(v) * world for k, v in union.items()}
-
-
-def _sum_over_ranks(stats: list) -> list:
-    """router.AuxStats summed over the DDP ranks in one all_reduce. Counts carry no gradient; a total's (and a
-    dispatch sum's, which carries gradient for DynMoLE's f) value becomes the global sum with gradient through this
-    rank's own tensor only (the others are constants, as in _gather_keep_local)."""
-    parts = [[st.total.detach().reshape(-1), st.count.reshape(1).to(st.total.dtype)]
-             + ([st.dispatch.detach().reshape(-1).to(st.total.dtype)] if st.dispatch is not None else [])
-             for st in stats]
-    flat = torch.cat([x for p in parts for x in p])
-    dist.all_reduce(flat)
-    out, i = [], 0
-    for st in stats:
-        n = st.total.numel()
-        total = flat[i:i + n].view_as(st.total) + (st.total - st.total.detach())  # value: global; grad: local
-        count, i = flat[i + n], i + n + 1
-        dispatch = None
-        if st.dispatch is not None:
-            dispatch = flat[i:i + n].view_as(st.dispatch) + (st.dispatch - st.dispatch.detach())
-            i += n
-        out.append(dataclasses.replace(st, total=total, count=count, dispatch=dispatch))
-    return out
-
-
-def total_loss(out: dict, cfg: Config, group: int) -> tuple:
-    """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log).
-
-    out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step."""
-    t, parts, terms = cfg.train, {}, []
-    if "q" in out:
-        parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
-        terms.append(t.emb_weight * parts["emb"])
-    if "scores" in out:
-        fn = bce_loss if t.rerank_loss == "bce" else group_ce_loss
-        parts["rank"] = fn(out["scores"], group)
-        terms.append(t.rank_weight * parts["rank"])
-    for name, value in out["aux"].items():
-        parts[name] = value
-        terms.append(t.aux_weights.get(name, 0.0) * value)
-    loss = sum(terms)
-    logged = {k: float(v.detach()) for k, v in parts.items()}
-    if "emb" in logged:
-        logged["emb"] /= loss_world(t.cross_device_negatives)  # log the global mean, not its DDP gradient scaling
-    for name in out["aux"]:
-        logged[name] /= loss_world(t.aux_scope == "global")  # likewise
-    return loss, logged
 
 
 # ------------------------------------------------------------------------------------------------ run files

@@ -26,11 +26,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
+import losses  # noqa: E402
 import moe_lora  # noqa: E402
 import train  # noqa: E402
-import config
-import unimoer
+import unimoer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     fit, held = examples[:-args.holdout], examples[-args.holdout:]
     sampler = data.TrainSampler(fit, args.batch, n_neg, args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    loss_fn = train.group_ce_loss if args.loss == "group" else train.bce_loss
+    loss_fn = losses.group_ce_loss if args.loss == "group" else losses.bce_loss
     group = 1 + n_neg
 
     def held_accuracy() -> float:

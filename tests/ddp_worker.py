@@ -19,9 +19,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+import config
+import losses
 import tiny_setup  # puts the repository root on sys.path
 import train
-import config
 import unimoer
 
 GLOBAL_QUERIES = 4
@@ -41,7 +42,7 @@ def main(cfg_path: str, out_dir: str) -> None:
     b = GLOBAL_QUERIES // world
     queries, docs = queries[rank * b:(rank + 1) * b], docs[rank * b * g:(rank + 1) * b * g]
     out = model(queries=um.tokens_queries(queries), docs=um.tokens_documents(docs))
-    loss = train.info_nce_loss(out["q"], out["d"], cfg.train.temperature, cross_device=True)
+    loss = losses.info_nce_loss(out["q"], out["d"], cfg.train.temperature, cross_device=True)
     loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
              for n, p in um.named_parameters() if p.requires_grad}

@@ -14,10 +14,10 @@ import torch.nn as nn
 
 import analysis
 import evaluate
+import ir
 import moe_lora
 import tiny_setup
 import train
-import ir
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -25,8 +25,8 @@ import evaluate
 import synthetic
 import tiny_setup
 import train
-from model import run_cli
 from config import ConfigError
+from model import run_cli
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,9 +9,9 @@ import pytest
 
 import data
 from data import DataError
-import tiny_setup
 import config
 import synthetic
+import tiny_setup
 
 
 # --------------------------------------------------------------------------------------------- helpers

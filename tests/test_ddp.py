@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
+import losses
+import runs
 import tiny_setup
 import train
-import config
-import runs
 import unimoer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +94,7 @@ def test_cross_device_infonce_loss_and_grads_equal_one_process_on_the_concatenat
     b, g = 2, 1 + cfg.data.n_neg
     q = torch.cat([um.embed(um.tokens_queries(queries[r * b:(r + 1) * b]))[0] for r in (0, 1)])
     d = torch.cat([um.embed(um.tokens_documents(docs[r * b * g:(r + 1) * b * g]))[0] for r in (0, 1)])
-    loss = train.info_nce_loss(q, d, cfg.train.temperature, cross_device=False)
+    loss = losses.info_nce_loss(q, d, cfg.train.temperature, cross_device=False)
     loss.backward()
     grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
              for n, p in um.named_parameters() if p.requires_grad}

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import train
 import config
+import losses
 
 
 def lse(xs):
@@ -37,15 +37,15 @@ def info_nce_by_hand():
 
 
 def test_info_nce_equals_the_hand_computed_value():
-    got = train.info_nce_loss(torch.tensor(Q), torch.tensor(D), TEMPERATURE, cross_device=False)
+    got = losses.info_nce_loss(torch.tensor(Q), torch.tensor(D), TEMPERATURE, cross_device=False)
     assert got.item() == pytest.approx(info_nce_by_hand(), abs=1e-6)
 
 
 def test_info_nce_cross_device_without_a_process_group_is_the_plain_loss():
     # One process: nothing to gather and no world_size factor, whatever cross_device_negatives says.
-    got = train.info_nce_loss(torch.tensor(Q), torch.tensor(D), TEMPERATURE, cross_device=True)
+    got = losses.info_nce_loss(torch.tensor(Q), torch.tensor(D), TEMPERATURE, cross_device=True)
     assert got.item() == pytest.approx(info_nce_by_hand(), abs=1e-6)
-    assert train.loss_world(True) == 1
+    assert losses.loss_world(True) == 1
 
 
 SCORES = [2.0, -1.0, 0.5,   # group 0: positive 2.0, negatives -1.0, 0.5
@@ -64,11 +64,11 @@ def group_ce_by_hand():
 
 
 def test_bce_loss_equals_the_hand_computed_value():
-    assert train.bce_loss(torch.tensor(SCORES), GROUP).item() == pytest.approx(bce_by_hand(), abs=1e-6)
+    assert losses.bce_loss(torch.tensor(SCORES), GROUP).item() == pytest.approx(bce_by_hand(), abs=1e-6)
 
 
 def test_group_ce_loss_equals_the_hand_computed_value():
-    assert train.group_ce_loss(torch.tensor(SCORES), GROUP).item() == pytest.approx(group_ce_by_hand(), abs=1e-6)
+    assert losses.group_ce_loss(torch.tensor(SCORES), GROUP).item() == pytest.approx(group_ce_by_hand(), abs=1e-6)
 
 
 AUX = {"load_balance": 1.3, "z_loss": 2.0, "entropy": 0.7}
@@ -92,7 +92,7 @@ def weighted_config(rerank_loss="bce"):
 
 
 def test_total_loss_is_the_weighted_sum_of_its_parts():
-    loss, logged = train.total_loss(outputs(), weighted_config(), GROUP)
+    loss, logged = losses.total_loss(outputs(), weighted_config(), GROUP)
     expected = 0.5 * info_nce_by_hand() + 2.0 * bce_by_hand() + 0.1 * 1.3 + 0.01 * 2.0 + 0.0 * 0.7
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     # Every part is logged unweighted, unlisted aux losses included.
@@ -103,14 +103,14 @@ def test_total_loss_is_the_weighted_sum_of_its_parts():
 
 
 def test_total_loss_uses_group_ce_when_configured():
-    loss, logged = train.total_loss(outputs(), weighted_config("group"), GROUP)
+    loss, logged = losses.total_loss(outputs(), weighted_config("group"), GROUP)
     assert logged["rank"] == pytest.approx(group_ce_by_hand(), abs=1e-6)
     assert loss.item() == pytest.approx(0.5 * info_nce_by_hand() + 2.0 * group_ce_by_hand() + 0.13 + 0.02, abs=1e-6)
 
 
 @pytest.mark.parametrize("with_q,with_scores", [(True, False), (False, True)], ids=["embed_only", "rerank_only"])
 def test_total_loss_of_one_task_has_only_that_task_term(with_q, with_scores):
-    loss, logged = train.total_loss(outputs(with_q, with_scores), weighted_config(), GROUP)
+    loss, logged = losses.total_loss(outputs(with_q, with_scores), weighted_config(), GROUP)
     task = 0.5 * info_nce_by_hand() if with_q else 2.0 * bce_by_hand()
     assert loss.item() == pytest.approx(task + 0.13 + 0.02, abs=1e-6)
     assert ("emb" in logged) == with_q and ("rank" in logged) == with_scores

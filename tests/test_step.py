@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+import config
+import losses
 import moe_lora
 import router
 import tiny_setup
 import train
-import config
 import unimoer
 
 
@@ -48,21 +49,21 @@ def test_load_balance_of_task_split_routing_over_the_steps_union_is_about_1_01()
     # Over the union of the 9 sequences: f = (5, 4) / 9 (5 go to expert 0), P = (5 * .9 + 4 * .1, 5 * .1 + 4 * .9)
     # / 9 = (4.9, 4.1) / 9, so N sum_i f_i P_i = 2 (5 * 4.9 + 4 * 4.1) / 81 = 1.00988: both experts are used.
     by_hand = 2 * (5 * 4.9 + 4 * 4.1) / 81
-    got = train.aux_losses(task_split_calls(), "step")["load_balance"]
+    got = losses.aux_losses(task_split_calls(), "step")["load_balance"]
     assert got.item() == pytest.approx(by_hand, abs=1e-6)
     assert got.item() == pytest.approx(1.01, abs=0.001)
 
 
 def test_the_per_call_scope_reproduces_1_80_on_task_split_routing():
     # Each call alone sends everything to one expert: f = (1, 0), P = (.9, .1) (or mirrored): 2 * .9 = 1.8 each.
-    got = train.aux_losses(task_split_calls(), "call")["load_balance"]
+    got = losses.aux_losses(task_split_calls(), "call")["load_balance"]
     assert got.item() == pytest.approx(1.80, abs=1e-6)
 
 
 def test_the_global_scope_on_one_process_equals_the_step_scope():
     calls = task_split_calls(b=2)
-    assert train.aux_losses(calls, "global")["load_balance"].item() == \
-        train.aux_losses(calls, "step")["load_balance"].item()
+    assert losses.aux_losses(calls, "global")["load_balance"].item() == \
+        losses.aux_losses(calls, "step")["load_balance"].item()
 
 
 def test_mean_type_aux_losses_over_the_step_weigh_every_unit_once():
@@ -70,15 +71,15 @@ def test_mean_type_aux_losses_over_the_step_weigh_every_unit_once():
     # (1 + 3 * 3) / 4 = 2.5 over the step, but (1 + 3) / 2 = 2 as a mean of per-call means.
     calls = [{"z_loss": [router.mean_stat(torch.tensor([1.0]))]},
              {"z_loss": [router.mean_stat(torch.tensor([3.0, 3.0, 3.0]))]}]
-    assert train.aux_losses(calls, "step")["z_loss"].item() == pytest.approx(2.5)
-    assert train.aux_losses(calls, "call")["z_loss"].item() == pytest.approx(2.0)
+    assert losses.aux_losses(calls, "step")["z_loss"].item() == pytest.approx(2.5)
+    assert losses.aux_losses(calls, "call")["z_loss"].item() == pytest.approx(2.0)
 
 
 def test_aux_losses_are_the_mean_over_layers_of_each_layers_loss_over_the_union():
     # Layer 0 is task-split (1.00988 over the union), layer 1 routes everything to expert 0 with p = .9 (1.8).
     split, same = task_split_calls(), [lb_call(1, 0.9), lb_call(4, 0.9), lb_call(4, 0.9)]
     calls = [{"load_balance": a["load_balance"] + b["load_balance"]} for a, b in zip(split, same)]
-    got = train.aux_losses(calls, "step")["load_balance"]
+    got = losses.aux_losses(calls, "step")["load_balance"]
     assert got.item() == pytest.approx((2 * (5 * 4.9 + 4 * 4.1) / 81 + 1.8) / 2, abs=1e-6)
 
 
@@ -94,7 +95,7 @@ def test_dynmole_load_balance_is_one_loss_pooled_over_layers_and_units():
     by_hand = 2 * (rows_w.mean(0) * rows_p.mean(0)).sum().item()
     assert by_hand == pytest.approx(0.8)
     for scope in ("call", "step", "global"):
-        assert train.aux_losses(calls, scope)["load_balance"].item() == pytest.approx(0.8, abs=1e-6)
+        assert losses.aux_losses(calls, scope)["load_balance"].item() == pytest.approx(0.8, abs=1e-6)
 
 
 def test_the_step_scope_gradient_flows_into_every_calls_probabilities():
@@ -102,7 +103,7 @@ def test_the_step_scope_gradient_flows_into_every_calls_probabilities():
     probs = [torch.tensor([[0.9, 0.1]] * n, requires_grad=True) for n in (1, 4)] + \
         [torch.tensor([[0.1, 0.9]] * 4, requires_grad=True)]
     calls = [{"load_balance": [router.load_balance_stat(p)]} for p in probs]
-    train.aux_losses(calls, "step")["load_balance"].backward()
+    losses.aux_losses(calls, "step")["load_balance"].backward()
     for p in probs:
         torch.testing.assert_close(p.grad, torch.tensor([[2 * 5 / 81, 2 * 4 / 81]]).expand_as(p))
 
@@ -163,7 +164,7 @@ def test_grad_accum_infonce_sees_every_chunks_documents_as_negatives(task, tmp_p
     um.train()
     chunks = batch(um, task, 4, 2)
     with torch.no_grad():
-        per_chunk = [train.info_nce_loss(o["q"], o["d"], cfg.train.temperature, False).item()
+        per_chunk = [losses.info_nce_loss(o["q"], o["d"], cfg.train.temperature, False).item()
                      for o in (um(**c) for c in chunks)]
     _, log = train.forward_backward(um, um, chunks, cfg, 1 + cfg.data.n_neg)
     assert log["emb"] > sum(per_chunk) / 2 + 1e-3

@@ -14,8 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # ddp_worker.py runs as a script, without conftest.py
     sys.path.insert(0, REPO)
 
-import data  # noqa: E402
 import config
+import data  # noqa: E402
 import synthetic
 import unimoer
 
