@@ -48,7 +48,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,10 @@ import losses
 import moe_lora
 import train
 import unimoer
+from figures import (_plot_geometry, _plot_gradients, _plot_interference, _plot_routing, geometry_markdown,
+                     gradients_markdown, interference_markdown, routing_markdown)
+from measures import (_mean, _std, compare_to_specialist, effective_rank, expert_delta_svd, gradient_cosine,
+                      linear_cka, principal_angles)
 from model import ArgumentParser, run_cli
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
@@ -72,122 +76,6 @@ class AnalysisError(RuntimeError):
     """A request analysis.py cannot serve (mismatched arguments, matplotlib missing); main prints it alone."""
 
 
-# ------------------------------------------------------------------------------------------------ the math
-def linear_cka(x, y) -> float:
-    """Linear CKA, feature-space form: ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F).
-
-    x (n, p), y (n, q): the same n examples in two representations; X_c, Y_c column-centred. In [0, 1];
-    invariant to orthogonal transforms and isotropic scaling of either side (not to general linear maps).
-    """
-    x, y = (np.asarray(a, dtype=np.float64) for a in (x, y))
-    x, y = x - x.mean(0), y - y.mean(0)
-    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(np.linalg.norm(y.T @ x) ** 2 / den) if den > 0 else float("nan")
-
-
-def task_interference_ratio(specialist: float, unified: float) -> Optional[float]:
-    """TIR = (specialist - unified) / specialist; None when the specialist scores 0 (undefined)."""
-    return (specialist - unified) / specialist if specialist else None
-
-
-def paired_bootstrap(diff, n_resamples: int = 10000, seed: int = 0, chunk: int = 500) -> dict:
-    """Two-level bootstrap of the mean of diff (S seeds, Q queries): seeds and queries resampled with replacement.
-
-    -> {"mean", "ci95": [lo, hi] (percentiles of the resampled means), "p_value" (two-sided, shifted null:
-    (1 + #{|m_b - m| >= |m|}) / (1 + B)), "n_resamples", "seed"}. Deterministic for a given seed.
-    """
-    d = np.asarray(diff, dtype=np.float64)
-    d = d[None] if d.ndim == 1 else d
-    S, Q = d.shape
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, chunk):
-        b = min(chunk, n_resamples - start)
-        q_idx = rng.integers(Q, size=(b, Q))  # (b, Q) query columns of each resample
-        s_idx = rng.integers(S, size=(b, S))  # (b, S) seed rows of each resample
-        row_means = d[:, q_idx].mean(-1)  # (S, b): each seed's mean over the drawn queries
-        means[start:start + b] = np.take_along_axis(row_means.T, s_idx, 1).mean(1)
-    m = float(d.mean())
-    p = (1 + int(np.sum(np.abs(means - m) >= abs(m)))) / (1 + n_resamples)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": m, "ci95": [float(lo), float(hi)], "p_value": p, "n_resamples": n_resamples, "seed": seed}
-
-
-def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed: int = 0) -> dict:
-    """spec, uni: {seed: (Q,) per-query metric, the same queries in the same order} -> TIR per seed + bootstrap."""
-    spec_seeds, uni_seeds = sorted(spec), sorted(uni)
-    paired = spec_seeds == uni_seeds
-    spec_mean = np.mean([spec[s] for s in spec_seeds], axis=0)  # (Q,)
-    ref = {s: (spec[s] if paired else spec_mean) for s in uni_seeds}
-    tir = [task_interference_ratio(float(np.mean(ref[s])), float(np.mean(uni[s]))) for s in uni_seeds]
-    defined = [t for t in tir if t is not None]
-    diff = np.stack([ref[s] - uni[s] for s in uni_seeds])  # (S, Q)
-    return {"seeds_paired": paired, "tir_per_seed": tir, "tir_mean": _mean(defined), "tir_std": _std(defined),
-            "bootstrap": paired_bootstrap(diff, n_resamples, seed)}
-
-
-def loss_gradients(params: dict, loss_fn: Callable[[], torch.Tensor]) -> dict:
-    """One backward pass of loss_fn() -> {name: fp32 gradient w.r.t. params[name]} (zeros where it is unused)."""
-    names = list(params)
-    grads = torch.autograd.grad(loss_fn(), [params[n] for n in names], allow_unused=True)
-    return {n: torch.zeros(params[n].shape) if g is None else g.detach().float().cpu() for n, g in zip(names, grads)}
-
-
-def gradient_cosine(params: dict, loss_fn_a: Callable, loss_fn_b: Callable, groups: Optional[dict] = None) -> dict:
-    """cos(g_a, g_b) and the norms per group of tensors, from two separate backward passes.
-
-    params {name: tensor requiring grad}; groups {group: [(param name, index or None)]} (index: a slice tuple
-    into the tensor, e.g. one expert's rank slots), default one group per parameter.
-    -> {group: {"cos": float, or None when either gradient is 0 (a tensor only one loss reaches), "norm_a", "norm_b"}}
-    """
-    ga, gb = loss_gradients(params, loss_fn_a), loss_gradients(params, loss_fn_b)
-    groups = groups or {n: [(n, None)] for n in params}
-    out = {}
-    for group, members in groups.items():
-        a = torch.cat([(ga[n] if i is None else ga[n][i]).reshape(-1) for n, i in members]).double()
-        b = torch.cat([(gb[n] if i is None else gb[n][i]).reshape(-1) for n, i in members]).double()
-        na, nb = float(a.norm()), float(b.norm())
-        out[group] = {"cos": float(a @ b) / (na * nb) if na > 0 and nb > 0 else None, "norm_a": na, "norm_b": nb}
-    return out
-
-
-def principal_angles(a, b) -> np.ndarray:
-    """Principal angles (radians, ascending) between the column spaces of a (d, r1) and b (d, r2).
-
-    Orthonormal bases Q1, Q2 (QR); cos(theta_k) = k-th singular value of Q1^T Q2 (Bjorck & Golub 1973).
-    """
-    q1, _ = np.linalg.qr(np.asarray(a, dtype=np.float64))
-    q2, _ = np.linalg.qr(np.asarray(b, dtype=np.float64))
-    return np.arccos(np.clip(np.linalg.svd(q1.T @ q2, compute_uv=False), -1.0, 1.0))
-
-
-def expert_delta_svd(lin: moe_lora.MoELoRALinear, name: str) -> tuple:
-    """s_e B_e A_e (out, in) of one expert -> (singular values (r,), left singular vectors (out, r)), float64.
-
-    Without forming the delta: B = Q_b R_b, A^T = Q_a R_a, so s B A = Q_b (s R_b R_a^T) Q_a^T and the SVD of the
-    small (r, r) core gives the spectrum; the left singular vectors are Q_b U.
-    """
-    sl = lin.expert_slice(name)
-    scale = float(lin.slot_scale[sl][0])
-    qb, rb = np.linalg.qr(lin.lora_B.detach()[:, sl].double().cpu().numpy())
-    qa, ra = np.linalg.qr(lin.lora_A.detach()[sl].double().cpu().numpy().T)
-    u, s, _ = np.linalg.svd(scale * rb @ ra.T)
-    return s, qb @ u
-
-
-def effective_rank(s) -> float:
-    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007); 0 for a zero matrix."""
-    p = np.asarray(s, dtype=np.float64)
-    p = p[p > 0] / p.sum() if p.sum() > 0 else p[:0]
-    return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
-
-
-def _mean(xs) -> Optional[float]:
-    return float(np.mean(xs)) if len(xs) else None
-
-
-def _std(xs) -> Optional[float]:
-    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------ runs and data
@@ -294,33 +182,6 @@ def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str]
     return out
 
 
-def _f(x, digits: int = 3, signed: bool = False) -> str:
-    x = None if x is None or x != x else x + 0.0  # None and NaN print as —, -0.0 as 0
-    return "—" if x is None else f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def interference_markdown(res: dict) -> str:
-    lines = ["| task | dataset | mode | seeds | nDCG@10 mean ± std | TIR mean ± std | Δ = spec − unified [95% CI] "
-             "| p |",
-             "|---|---|---|---|---|---|---|---|"]
-    for ds, tasks in res["datasets"].items():
-        for task, t in tasks.items():
-            for mode, row in t["modes"].items():
-                b = row.get("bootstrap")
-                tir = f"{_f(row['tir_mean'], signed=True)} ± {_f(row['tir_std'])}" if "tir_mean" in row else \
-                    ("(specialist)" if row["role"] == "specialist" else "no specialist run")
-                delta = "" if not b else \
-                    f"{_f(b['mean'], signed=True)} [{_f(b['ci95'][0], signed=True)}, {_f(b['ci95'][1], signed=True)}]"
-                lines.append(f"| {task} ({t['stage']}) | {ds} | {mode} | {','.join(map(str, row['seeds']))} | "
-                             f"{_f(row['mean'])} ± {_f(row['std'])} | {tir} | {delta} | "
-                             f"{_f(b['p_value'], 4) if b else ''} |")
-    if any(t["stage"] == "two_stage" for tasks in res["datasets"].values() for t in tasks.values()):
-        lines += ["", "rerank (two_stage): each model reranks its own retrieval, so rank_only's figure mostly "
-                  "measures its first stage (its reranking expert, untrained for embedding). `--candidates auto` "
-                  "(or a TREC run) makes every model rerank the same list."]
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------ gradients
 def gradient_groups(um: unimoer.UniMoER, base_probe: bool) -> tuple:
     """-> (params {name: tensor}, groups {(where, kind): [(param name, index)]}), in module order.
@@ -403,29 +264,6 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
     return {"label": run["label"], "mode": run["mode"], "steps": steps, "groups": summary}
 
 
-def _kinds(groups: dict) -> list:
-    return list(dict.fromkeys(k for where, v in groups.items() if where != "all" for k in v))
-
-
-def gradients_markdown(results: list) -> str:
-    lines = []
-    for res in results:
-        lines += [f"### {res['label']} ({len(res['steps'])} batches, steps {res['steps']})", "",
-                  "| tensors (all layers) | cos(g_emb, g_rank) mean ± std | conflicting (cos < 0) "
-                  "| ‖g_emb‖ / ‖g_rank‖ |",
-                  "|---|---|---|---|"]
-        for kind, v in res["groups"]["all"].items():
-            lines.append(f"| {kind} | {_f(v['cos_mean'], signed=True)} ± {_f(v['cos_std'])} | "
-                         f"{_f(v['conflict_frac'], 2) if v['n'] else 'not shared'} | {_f(v['norm_ratio'], 2)} |")
-        kinds = _kinds(res["groups"])
-        lines += ["", "Mean cosine per layer and projection (—: not shared, only one task reaches it):", "",
-                  "| layer.proj | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-        lines += [f"| {where} | " + " | ".join(_f(v.get(k, {}).get("cos_mean"), 2, True) for k in kinds) + " |"
-                  for where, v in res["groups"].items() if where != "all"]
-        lines.append("")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------ routing
 def routing(run: dict, texts: dict) -> dict:
     """unimoer.routing_snapshot on each dataset's texts {name: (queries, docs, pairs)}, and <run>/routing.jsonl.
@@ -441,34 +279,6 @@ def routing(run: dict, texts: dict) -> dict:
             "router": "learned" if spec.router.kind == "learned" else "task (fixed weights)",
             "always_on": [e.name for e in spec.experts if e.name not in spec.routed_experts],
             "eval": {name: unimoer.routing_snapshot(um, *t) for name, t in texts.items()}, "training": training}
-
-
-def routing_markdown(results: list) -> str:
-    lines = []
-    for res in results:
-        lines += [f"### {res['label']}: router {res['router']}" + (f", always on: {', '.join(res['always_on'])}"
-                                                                   if res["always_on"] else ""), ""]
-        for ds, snap in res["eval"].items():
-            lines += [f"Mean routing weight per expert and mean entropy (nats) on {ds}:", "",
-                      "| task | layer | " + " | ".join(snap["experts"]) + " | entropy |",
-                      "|---" * (len(snap["experts"]) + 3) + "|"]
-            for task in config.TASKS:
-                for layer, w, h in zip(snap[task]["layers"], snap[task]["weights"], snap[task]["entropy"]):
-                    lines.append(f"| {task} | {layer} | " + " | ".join(_f(x) for x in w) + f" | {_f(h)} |")
-            lines.append("")
-        if res["training"]:
-            experts = res["training"][0]["experts"]
-            lines += ["Over training (routing.jsonl; mean over layers):", "",
-                      "| step | task | " + " | ".join(experts) + " | entropy |", "|---" * (len(experts) + 3) + "|"]
-            for snap in res["training"]:
-                for task in config.TASKS:
-                    w = np.mean(snap[task]["weights"], axis=0)
-                    lines.append(f"| {snap['step']} | {task} | " + " | ".join(_f(x) for x in w)
-                                 + f" | {_f(float(np.mean(snap[task]['entropy'])))} |")
-            lines.append("")
-        elif res["router"] != "learned":
-            lines += ["No learned router: the weights above are the mode's fixed task routing.", ""]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -561,121 +371,7 @@ def geometry(runs: list, texts: tuple) -> dict:
             "cka_across_configs": across, "experts": experts}
 
 
-def geometry_markdown(res: dict) -> str:
-    L = res["layers"]
-    lines = [f"CKA between a document on the embedding path and its (query, document) pair on the reranking path, "
-             f"per layer ({res['n_texts']} pairs):", "", "| model | " + " | ".join(L) + " |",
-             "|---" * (len(L) + 1) + "|"]
-    lines += [f"| {lab} | " + " | ".join(_f(x, 2) for x in v) + " |" for lab, v in res["cka_across_tasks"].items()]
-    for task, per_layer in res["cka_across_configs"].items():
-        lines += ["", f"CKA across configurations, {task} path, final layer:", "",
-                  "| | " + " | ".join(res["labels"]) + " |", "|---" * (len(res["labels"]) + 1) + "|"]
-        lines += [f"| {a} | " + " | ".join(_f(x, 2) for x in row) + " |"
-                  for a, row in zip(res["labels"], per_layer[-1])]
-    lines += ["", "Experts' deltas s B A (mean over adapted linears) and principal angles between their column spaces:",
-              "", "| model | expert | top singular value | ‖Δ‖_F | effective rank |", "|---|---|---|---|---|"]
-    for lab, g in res["experts"].items():
-        lines += [f"| {lab} | {e} | {_f(v['top_sv'], 4)} | {_f(v['fro'], 4)} | {_f(v['effective_rank'], 2)} |"
-                  for e, v in g["summary"]["experts"].items()]
-    lines += ["", "| model | experts | mean angle (deg) | min angle | random subspaces, mean |",
-              "|---|---|---|---|---|"]
-    for lab, g in res["experts"].items():
-        lines += [f"| {lab} | {p} | {_f(v['mean_deg'], 1)} | {_f(v['min_deg'], 1)} | {_f(v['random_mean_deg'], 1)} |"
-                  for p, v in g["summary"]["pairs"].items()]
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------ report
-def _plot_interference(plt, res: dict, path: str) -> None:
-    panels = [(ds, task, t) for ds, tasks in res["datasets"].items() for task, t in tasks.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (ds, task, t) in zip(axes[0], panels):
-        modes = list(t["modes"])
-        for i, m in enumerate(modes):
-            row = t["modes"][m]
-            ax.bar(i, row["mean"], yerr=row["std"] or 0, alpha=0.7, capsize=3,
-                   color="tab:gray" if row["role"] == "specialist" else "tab:blue")
-            ax.plot([i] * len(row["per_seed"]), row["per_seed"], "k.", ms=4)
-        ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{task} ({ds})", fontsize=9)
-        ax.set_ylabel("nDCG@10")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _plot_gradients(plt, grads: list, path: str) -> None:
-    fig, axes = plt.subplots(len(grads), 1, figsize=(8, 2.4 * len(grads)), squeeze=False)
-    for ax, res in zip(axes[:, 0], grads):
-        linears = [w for w in res["groups"] if w not in ("all",) and not w.endswith(".router")]
-        for kind in _kinds(res["groups"]):
-            ys = [res["groups"][w].get(kind, {}).get("cos_mean") for w in linears]
-            if any(y is not None for y in ys):
-                ax.plot(range(len(linears)), [np.nan if y is None else y for y in ys], "o-", ms=3, label=kind)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xticks(range(len(linears)), linears, rotation=90, fontsize=6)
-        ax.set_ylabel("cos(g_emb, g_rank)")
-        ax.set_title(res["label"], fontsize=9)
-        ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _plot_routing(plt, routs: list, path: str) -> None:
-    fig, axes = plt.subplots(len(routs), 3, figsize=(10, 2.6 * len(routs)), squeeze=False)
-    for row, res in zip(axes, routs):
-        snap = next(iter(res["eval"].values()))
-        routed = [i for i, e in enumerate(snap["experts"]) if e not in res["always_on"]]
-        for ax, task in zip(row, config.TASKS):
-            w = np.array(snap[task]["weights"])  # (layers, experts)
-            for i in routed:
-                ax.plot(snap[task]["layers"], w[:, i], "o-", color=f"C{i}", ms=3, label=snap["experts"][i])
-            ax.set(ylim=(-0.05, 1.05), xlabel="layer", xticks=snap[task]["layers"])
-            ax.set_title(f"{res['label']}: {task} (eval)", fontsize=9)
-        row[0].legend(fontsize=7)
-        for task, style in zip(config.TASKS, ("-", "--")):  # over training: colour = expert, line style = task
-            for i in routed:
-                row[2].plot([s["step"] for s in res["training"]], [np.mean(s[task]["weights"], axis=0)[i]
-                                                                   for s in res["training"]],
-                            style, color=f"C{i}", label=f"{task}: {snap['experts'][i]}")
-        row[2].set_title("over training, mean over layers" if res["training"] else "no routing.jsonl", fontsize=9)
-        row[2].set_xlabel("step")
-        if res["training"]:
-            row[2].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _plot_geometry(plt, geo: dict, labels: list, cka_path: str, spectra_path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    for ax, task in zip(axes, ("embed", "rerank")):
-        im = ax.imshow(np.array(geo["cka_across_configs"][task][-1], dtype=float), vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(geo["labels"])), geo["labels"], rotation=90, fontsize=6)
-        ax.set_yticks(range(len(geo["labels"])), geo["labels"], fontsize=6)
-        ax.set_title(f"linear CKA across configurations, {task} path", fontsize=8)
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(cka_path, dpi=80)
-    plt.close(fig)
-    cols = min(4, len(labels))
-    fig, axes = plt.subplots(-(-len(labels) // cols), cols, figsize=(3.2 * cols, 2.6 * -(-len(labels) // cols)),
-                             squeeze=False)
-    for ax, lab in zip(axes.flat, labels):
-        lin = geo["experts"][lab]["linears"]
-        for e in next(iter(lin.values()))["singular_values"]:
-            svs = [v["singular_values"][e] for v in lin.values()]  # fewer than r where a linear is narrower
-            n = min(len(x) for x in svs)
-            ax.semilogy(np.mean([x[:n] for x in svs], axis=0), "o-", ms=3, label=e)
-        ax.set_title(f"{lab}: singular values of s B A", fontsize=8)
-        ax.set_xlabel("index (mean over linears)", fontsize=8)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(labels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(spectra_path, dpi=80)
-    plt.close(fig)
 
 
 def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None,), n_batches: int = 8,

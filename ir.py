@@ -208,7 +208,7 @@ def _check_id(value: str, what: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a file so a reader never sees it half-written: a temporary file in the same directory, fsync, then
-    os.replace. Used for every output file of train.py, evaluate.py and analysis.py."""
+    os.replace. Used for every output file of the project (runs, evaluations, analyses, data files)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import analysis
+import measures
 import evaluate
 import ir
 import moe_lora
@@ -37,27 +38,27 @@ def orthogonal(p, seed):
 # --------------------------------------------------------------------------------------------- CKA
 def test_cka_of_a_representation_with_itself_is_one():
     x = random_matrix(50, 8, seed=0)
-    assert analysis.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert measures.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
     # What makes CKA comparable across models: a rotated, rescaled copy of the same geometry is the same geometry.
     x, y = random_matrix(50, 8, seed=1), random_matrix(50, 6, seed=2)
-    ref = analysis.linear_cka(x, y)
+    ref = measures.linear_cka(x, y)
     assert 0 < ref < 1
-    assert analysis.linear_cka(3.5 * x @ orthogonal(8, seed=3), y) == pytest.approx(ref, abs=1e-12)
-    assert analysis.linear_cka(x, 0.01 * y @ orthogonal(6, seed=4)) == pytest.approx(ref, abs=1e-12)
-    assert analysis.linear_cka(x @ orthogonal(8, seed=5), x) == pytest.approx(1.0, abs=1e-12)
+    assert measures.linear_cka(3.5 * x @ orthogonal(8, seed=3), y) == pytest.approx(ref, abs=1e-12)
+    assert measures.linear_cka(x, 0.01 * y @ orthogonal(6, seed=4)) == pytest.approx(ref, abs=1e-12)
+    assert measures.linear_cka(x @ orthogonal(8, seed=5), x) == pytest.approx(1.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- TIR and bootstrap
 def test_tir_on_hand_made_numbers_pairs_seed_i_with_seed_i():
-    assert analysis.task_interference_ratio(0.5, 0.25) == pytest.approx(0.5)
-    assert analysis.task_interference_ratio(0.5, 0.6) == pytest.approx(-0.2)  # negative: the unified model is better
-    assert analysis.task_interference_ratio(0.0, 0.1) is None  # undefined, not infinite
+    assert measures.task_interference_ratio(0.5, 0.25) == pytest.approx(0.5)
+    assert measures.task_interference_ratio(0.5, 0.6) == pytest.approx(-0.2)  # negative: the unified model is better
+    assert measures.task_interference_ratio(0.0, 0.1) is None  # undefined, not infinite
     spec = {1: np.array([0.4, 0.6]), 2: np.array([0.8, 0.8])}  # means 0.5, 0.8
     uni = {1: np.array([0.2, 0.3]), 2: np.array([0.8, 0.8])}  # means 0.25, 0.8
-    res = analysis.compare_to_specialist(spec, uni, n_resamples=100)
+    res = measures.compare_to_specialist(spec, uni, n_resamples=100)
     assert res["seeds_paired"]
     assert res["tir_per_seed"] == pytest.approx([0.5, 0.0])
     assert res["tir_mean"] == pytest.approx(0.25)
@@ -68,7 +69,7 @@ def test_tir_on_hand_made_numbers_pairs_seed_i_with_seed_i():
 def test_tir_uses_the_specialist_mean_when_seeds_do_not_pair():
     spec = {1: np.array([0.5, 0.5]), 2: np.array([0.7, 0.9])}  # mean over seeds: 0.65
     uni = {7: np.array([0.6, 0.7])}  # 0.65
-    res = analysis.compare_to_specialist(spec, uni, n_resamples=100)
+    res = measures.compare_to_specialist(spec, uni, n_resamples=100)
     assert not res["seeds_paired"]
     assert res["tir_per_seed"] == pytest.approx([0.0])
     assert res["tir_std"] is None  # one seed: no spread to report
@@ -77,14 +78,14 @@ def test_tir_uses_the_specialist_mean_when_seeds_do_not_pair():
 
 def test_bootstrap_of_identical_systems_gives_p_1_and_a_ci_at_0():
     diff = np.zeros((2, 30))  # specialist - unified, per seed and query
-    res = analysis.paired_bootstrap(diff, n_resamples=2000)
+    res = measures.paired_bootstrap(diff, n_resamples=2000)
     assert res["p_value"] == 1.0
     assert res["ci95"] == [0.0, 0.0] and res["mean"] == 0.0
 
 
 def test_bootstrap_of_a_constant_large_gain_gives_p_near_0_and_a_ci_at_the_gain():
     diff = np.full((2, 30), 0.3)
-    res = analysis.paired_bootstrap(diff, n_resamples=2000)
+    res = measures.paired_bootstrap(diff, n_resamples=2000)
     assert res["p_value"] == pytest.approx(1 / 2001)  # the smallest p the test can give
     assert res["ci95"] == pytest.approx([0.3, 0.3])
 
@@ -92,16 +93,16 @@ def test_bootstrap_of_a_constant_large_gain_gives_p_near_0_and_a_ci_at_the_gain(
 def test_bootstrap_ci_covers_the_mean_of_noisy_differences_and_is_not_significant_around_0():
     rng = np.random.default_rng(0)
     diff = rng.normal(0.0, 0.2, size=(3, 200))
-    res = analysis.paired_bootstrap(diff, n_resamples=2000)
+    res = measures.paired_bootstrap(diff, n_resamples=2000)
     assert res["ci95"][0] < res["mean"] < res["ci95"][1]
     assert res["ci95"][0] < 0 < res["ci95"][1] and res["p_value"] > 0.05
 
 
 def test_bootstrap_is_deterministic_for_a_fixed_seed():
     diff = np.random.default_rng(1).normal(0.05, 0.2, size=(2, 40))
-    a, b = analysis.paired_bootstrap(diff, 1000, seed=3), analysis.paired_bootstrap(diff, 1000, seed=3)
+    a, b = measures.paired_bootstrap(diff, 1000, seed=3), measures.paired_bootstrap(diff, 1000, seed=3)
     assert a == b
-    assert analysis.paired_bootstrap(diff, 1000, seed=4)["ci95"] != a["ci95"]  # the seed is what fixes it
+    assert measures.paired_bootstrap(diff, 1000, seed=4)["ci95"] != a["ci95"]  # the seed is what fixes it
 
 
 # --------------------------------------------------------------------------------------------- gradient cosine
@@ -115,7 +116,7 @@ X = torch.tensor([1.0, 2.0, 0.0])  # d(w . x)/dw = x
 ])
 def test_gradient_cosine_of_two_losses_with_known_gradients(loss_b, want):
     lin = nn.Linear(3, 1, bias=False)
-    res = analysis.gradient_cosine({"w": lin.weight}, lambda: lin(X).sum(), lambda: loss_b(lin))
+    res = measures.gradient_cosine({"w": lin.weight}, lambda: lin(X).sum(), lambda: loss_b(lin))
     assert res["w"]["cos"] == pytest.approx(want, abs=1e-7)
     assert res["w"]["norm_a"] == pytest.approx(math.sqrt(5))
 
@@ -123,7 +124,7 @@ def test_gradient_cosine_of_two_losses_with_known_gradients(loss_b, want):
 def test_gradient_cosine_is_undefined_on_a_tensor_only_one_loss_reaches():
     # A task-specific expert gets no gradient from the other task: "not shared", not a cosine of 0.
     a, b = nn.Linear(3, 1, bias=False), nn.Linear(3, 1, bias=False)
-    res = analysis.gradient_cosine({"a": a.weight, "b": b.weight}, lambda: a(X).sum() + b(X).sum(),
+    res = measures.gradient_cosine({"a": a.weight, "b": b.weight}, lambda: a(X).sum() + b(X).sum(),
                                    lambda: b(X).sum())
     assert res["a"]["cos"] is None and res["a"]["norm_b"] == 0
     assert res["b"]["cos"] == pytest.approx(1.0)
@@ -133,7 +134,7 @@ def test_gradient_cosine_groups_select_slices_of_a_tensor():
     # The expert groups are rank slots of the stacked A/B: here row 0 of a (2, 3) weight agrees, row 1 opposes.
     lin = nn.Linear(3, 2, bias=False)
     groups = {"row0": [("w", (slice(0, 1), slice(None)))], "row1": [("w", (slice(1, 2), slice(None)))]}
-    res = analysis.gradient_cosine({"w": lin.weight}, lambda: lin(X).sum(),
+    res = measures.gradient_cosine({"w": lin.weight}, lambda: lin(X).sum(),
                                    lambda: (lin(X) * torch.tensor([1.0, -1.0])).sum(), groups)
     assert res["row0"]["cos"] == pytest.approx(1.0) and res["row1"]["cos"] == pytest.approx(-1.0)
 
@@ -142,12 +143,12 @@ def test_gradient_cosine_groups_select_slices_of_a_tensor():
 def test_principal_angles_of_the_same_subspace_in_two_bases_are_all_0():
     a = random_matrix(20, 4, seed=0)
     b = a @ random_matrix(4, 4, seed=1)  # another basis of the same column space
-    np.testing.assert_allclose(analysis.principal_angles(a, b), 0.0, atol=1e-6)
+    np.testing.assert_allclose(measures.principal_angles(a, b), 0.0, atol=1e-6)
 
 
 def test_principal_angles_of_orthogonal_subspaces_are_all_pi_over_2():
     q = orthogonal(20, seed=2)
-    angles = analysis.principal_angles(q[:, :4] * 3.0, q[:, 4:7])
+    angles = measures.principal_angles(q[:, :4] * 3.0, q[:, 4:7])
     assert angles.shape == (3,)  # min(r1, r2) angles
     np.testing.assert_allclose(angles, math.pi / 2, atol=1e-12)
 
@@ -163,9 +164,9 @@ def test_expert_delta_svd_equals_the_svd_of_the_dense_delta():
         scale = float(lin.slot_scale[sl][0])  # alpha / r as the model holds it: in fp32
         assert scale == pytest.approx(alpha_over_r)
         dense = scale * lin.lora_B.detach()[:, sl].double() @ lin.lora_A.detach()[sl].double()
-        s, u = analysis.expert_delta_svd(lin, e)
+        s, u = measures.expert_delta_svd(lin, e)
         np.testing.assert_allclose(s, np.linalg.svd(dense.numpy(), compute_uv=False)[:len(s)], rtol=1e-10)
-        np.testing.assert_allclose(analysis.principal_angles(u, dense.numpy()), 0.0, atol=1e-6)
+        np.testing.assert_allclose(measures.principal_angles(u, dense.numpy()), 0.0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- end to end

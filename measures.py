@@ -1,0 +1,128 @@
+"""The measures analysis.py reports, each a small function of arrays or tensors: linear CKA, the task interference
+ratio and its paired bootstrap, gradient cosines per tensor group, an expert's delta spectrum, principal angles
+and effective rank. Model-free except expert_delta_svd (one MoE-LoRA linear's slices)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import moe_lora
+
+
+def linear_cka(x, y) -> float:
+    """Linear CKA, feature-space form: ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F).
+
+    x (n, p), y (n, q): the same n examples in two representations; X_c, Y_c column-centred. In [0, 1];
+    invariant to orthogonal transforms and isotropic scaling of either side (not to general linear maps).
+    """
+    x, y = (np.asarray(a, dtype=np.float64) for a in (x, y))
+    x, y = x - x.mean(0), y - y.mean(0)
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(np.linalg.norm(y.T @ x) ** 2 / den) if den > 0 else float("nan")
+
+
+def task_interference_ratio(specialist: float, unified: float) -> Optional[float]:
+    """TIR = (specialist - unified) / specialist; None when the specialist scores 0 (undefined)."""
+    return (specialist - unified) / specialist if specialist else None
+
+
+def paired_bootstrap(diff, n_resamples: int = 10000, seed: int = 0, chunk: int = 500) -> dict:
+    """Two-level bootstrap of the mean of diff (S seeds, Q queries): seeds and queries resampled with replacement.
+
+    -> {"mean", "ci95": [lo, hi] (percentiles of the resampled means), "p_value" (two-sided, shifted null:
+    (1 + #{|m_b - m| >= |m|}) / (1 + B)), "n_resamples", "seed"}. Deterministic for a given seed.
+    """
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[None] if d.ndim == 1 else d
+    S, Q = d.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        q_idx = rng.integers(Q, size=(b, Q))  # (b, Q) query columns of each resample
+        s_idx = rng.integers(S, size=(b, S))  # (b, S) seed rows of each resample
+        row_means = d[:, q_idx].mean(-1)  # (S, b): each seed's mean over the drawn queries
+        means[start:start + b] = np.take_along_axis(row_means.T, s_idx, 1).mean(1)
+    m = float(d.mean())
+    p = (1 + int(np.sum(np.abs(means - m) >= abs(m)))) / (1 + n_resamples)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": m, "ci95": [float(lo), float(hi)], "p_value": p, "n_resamples": n_resamples, "seed": seed}
+
+
+def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """spec, uni: {seed: (Q,) per-query metric, the same queries in the same order} -> TIR per seed + bootstrap."""
+    spec_seeds, uni_seeds = sorted(spec), sorted(uni)
+    paired = spec_seeds == uni_seeds
+    spec_mean = np.mean([spec[s] for s in spec_seeds], axis=0)  # (Q,)
+    ref = {s: (spec[s] if paired else spec_mean) for s in uni_seeds}
+    tir = [task_interference_ratio(float(np.mean(ref[s])), float(np.mean(uni[s]))) for s in uni_seeds]
+    defined = [t for t in tir if t is not None]
+    diff = np.stack([ref[s] - uni[s] for s in uni_seeds])  # (S, Q)
+    return {"seeds_paired": paired, "tir_per_seed": tir, "tir_mean": _mean(defined), "tir_std": _std(defined),
+            "bootstrap": paired_bootstrap(diff, n_resamples, seed)}
+
+
+def loss_gradients(params: dict, loss_fn: Callable[[], torch.Tensor]) -> dict:
+    """One backward pass of loss_fn() -> {name: fp32 gradient w.r.t. params[name]} (zeros where it is unused)."""
+    names = list(params)
+    grads = torch.autograd.grad(loss_fn(), [params[n] for n in names], allow_unused=True)
+    return {n: torch.zeros(params[n].shape) if g is None else g.detach().float().cpu() for n, g in zip(names, grads)}
+
+
+def gradient_cosine(params: dict, loss_fn_a: Callable, loss_fn_b: Callable, groups: Optional[dict] = None) -> dict:
+    """cos(g_a, g_b) and the norms per group of tensors, from two separate backward passes.
+
+    params {name: tensor requiring grad}; groups {group: [(param name, index or None)]} (index: a slice tuple
+    into the tensor, e.g. one expert's rank slots), default one group per parameter.
+    -> {group: {"cos": float, or None when either gradient is 0 (a tensor only one loss reaches), "norm_a", "norm_b"}}
+    """
+    ga, gb = loss_gradients(params, loss_fn_a), loss_gradients(params, loss_fn_b)
+    groups = groups or {n: [(n, None)] for n in params}
+    out = {}
+    for group, members in groups.items():
+        a = torch.cat([(ga[n] if i is None else ga[n][i]).reshape(-1) for n, i in members]).double()
+        b = torch.cat([(gb[n] if i is None else gb[n][i]).reshape(-1) for n, i in members]).double()
+        na, nb = float(a.norm()), float(b.norm())
+        out[group] = {"cos": float(a @ b) / (na * nb) if na > 0 and nb > 0 else None, "norm_a": na, "norm_b": nb}
+    return out
+
+
+def principal_angles(a, b) -> np.ndarray:
+    """Principal angles (radians, ascending) between the column spaces of a (d, r1) and b (d, r2).
+
+    Orthonormal bases Q1, Q2 (QR); cos(theta_k) = k-th singular value of Q1^T Q2 (Bjorck & Golub 1973).
+    """
+    q1, _ = np.linalg.qr(np.asarray(a, dtype=np.float64))
+    q2, _ = np.linalg.qr(np.asarray(b, dtype=np.float64))
+    return np.arccos(np.clip(np.linalg.svd(q1.T @ q2, compute_uv=False), -1.0, 1.0))
+
+
+def expert_delta_svd(lin: moe_lora.MoELoRALinear, name: str) -> tuple:
+    """s_e B_e A_e (out, in) of one expert -> (singular values (r,), left singular vectors (out, r)), float64.
+
+    Without forming the delta: B = Q_b R_b, A^T = Q_a R_a, so s B A = Q_b (s R_b R_a^T) Q_a^T and the SVD of the
+    small (r, r) core gives the spectrum; the left singular vectors are Q_b U.
+    """
+    sl = lin.expert_slice(name)
+    scale = float(lin.slot_scale[sl][0])
+    qb, rb = np.linalg.qr(lin.lora_B.detach()[:, sl].double().cpu().numpy())
+    qa, ra = np.linalg.qr(lin.lora_A.detach()[sl].double().cpu().numpy().T)
+    u, s, _ = np.linalg.svd(scale * rb @ ra.T)
+    return s, qb @ u
+
+
+def effective_rank(s) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007); 0 for a zero matrix."""
+    p = np.asarray(s, dtype=np.float64)
+    p = p[p > 0] / p.sum() if p.sum() > 0 else p[:0]
+    return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+
+
+def _mean(xs) -> Optional[float]:
+    return float(np.mean(xs)) if len(xs) else None
+
+
+def _std(xs) -> Optional[float]:
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
