@@ -31,8 +31,8 @@ p-value of "mean difference 0" from the null distribution m_b - m (the bootstrap
 p = (1 + #{b : |m_b - m| >= |m|}) / (1 + B). Identical systems give p = 1; a constant gain gives 1 / (1 + B).
 
 Gradients. For training batches (data.TrainSampler as train.py builds them, steps spread evenly over the run),
-L_emb = alpha * info_nce_loss and L_rank = beta * bce_loss / group_ce_loss (train.py's own losses) on separate
-backward passes, in eval mode (no dropout, no router jitter). Per layer and projection: cos(g_emb, g_rank) and
+L_emb = alpha * info_nce_loss and L_rank = beta * bce_loss / group_ce_loss (losses.py, as training has them) on
+separate backward passes, in eval mode (no dropout, no router jitter). Per layer and projection: cos(g_emb, g_rank) and
 ||g_emb|| / ||g_rank|| on each expert's [A_e, B_e] rank slots, each layer's router, and the frozen base weight
 as a probe (requires_grad switched on for the analysis only). A tensor only one task reaches (cos undefined) is
 not shared. Conflict fraction: batches with cos < 0 (PCGrad's criterion).

@@ -125,7 +125,7 @@ class DataSection:
     dir: str = "data/synthetic"  # BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
     synthetic: bool = False  # write the built-in synthetic task into dir first if dir does not exist
     synthetic_seed: int = 0
-    synthetic_args: dict = field(default_factory=dict)  # other data.make_synthetic arguments (n_docs, random_negs, ...)
+    synthetic_args: dict = field(default_factory=dict)  # other synthetic.make_synthetic arguments (n_docs, ...)
     train_file: Optional[str] = None  # JSONL {"query","pos","neg"} or MS MARCO triples .tsv; default <dir>/train.jsonl
     dev_split: str = "dev"
     dev_queries: int = 200  # first N dev queries (sorted ids) at each dev evaluation; 0 = all

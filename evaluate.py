@@ -177,18 +177,12 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
                         drop_self="auto") -> Optional[dict]:
     """Evaluate a run / checkpoint / plain model directory; returns the metrics.json dict plus "per_query".
 
-    Data. data_dir None and split None: the run's own dev set exactly as training evaluates it
-    (load_dev: data.dev_queries / data.dev_corpus cuts; k_rerank = train.rerank_topk), so the figures equal
-    the last line of the run's metrics.jsonl. Otherwise the whole `split` (default "test") of data_dir (default
-    the run's data.dir): every judged query, the whole corpus, k_rerank 100. k_retrieve = max(100, k_rerank)
-    unless given. max_queries keeps the first N judged query ids (sorted).
-
-    Stages. "retrieval": dense top-k_retrieve (faiss `index`; self-hits dropped as `drop_self` "auto" | "on" |
-    "off" says, resolve_drop_self; also from the candidates). "two_stage": its top
-    k_rerank reranked by the same model, or by `reranker` (a second run / checkpoint / model directory: the
-    two-separate-models baseline). With `candidates` (a TREC run, e.g. BM25): "rerank" = its top k_rerank
-    reranked, and "candidates" = the input run's own metrics. Encoding batches are batch_size texts; reranking
-    batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
+    Data (choose_eval_set): the run's own dev set exactly as training evaluates it when data_dir and split are
+    None, so the figures equal the last line of the run's metrics.jsonl; else the whole `split` of data_dir.
+    Stages (run_stages): "retrieval" (dense, faiss `index`), "two_stage" (its top k_rerank reranked by the same
+    model, or by `reranker`: a second run / checkpoint / model directory, the two-separate-models baseline), and
+    with `candidates` (a TREC run, e.g. BM25) "rerank" (its top k_rerank reranked) and "candidates" (its own
+    metrics). Self-hits are dropped as `drop_self` "auto" | "on" | "off" says (resolve_drop_self).
 
     overrides: `--section.key=value` config settings for a model directory without adapters (load_model).
 
@@ -267,8 +261,11 @@ class EvalSet(NamedTuple):
 
 def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_retrieve, k_rerank, drop_self,
                     candidates) -> EvalSet:
-    """The run's dev set as training cuts it (data_dir and split None; k_rerank = train.rerank_topk), or the
-    whole `split` (default test) of data_dir (default the run's data.dir; k_rerank 100)."""
+    """data_dir None and split None: the run's own dev set exactly as training evaluates it (load_dev: the
+    data.dev_queries / data.dev_corpus cuts; k_rerank = train.rerank_topk). Otherwise the whole `split` (default
+    "test") of data_dir (default the run's data.dir): every judged query, the whole corpus, k_rerank 100.
+    k_retrieve = max(100, k_rerank) unless given; max_queries keeps the first N judged query ids (sorted); the
+    candidates lose their self-hits with the retrieval's."""
     dev_cuts = None
     if data_dir is None and split is None:
         if info["kind"] != "checkpoint":
@@ -305,7 +302,8 @@ def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_r
 
 def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev) -> tuple:
     """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
-    run) -> (runs {stage: run}, times {name: seconds}), each stage timed on every rank."""
+    run) -> (runs {stage: run}, times {name: seconds}), each stage timed on every rank. Encoding batches are
+    batch_size texts, reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation)."""
     shard = world > 1
     autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -406,7 +404,7 @@ def write_eval(out_dir: str, runs: dict, metrics: dict, per_query: dict) -> None
 
 
 
-# --------------------------------------------------------------------------------------------- training's dev evaluation
+# ----------------------------------------------------------------------------------------- training's dev evaluation
 
 def load_dev(cfg: Config) -> tuple:
     """(corpus texts, queries, qrels) of the dev split (load_split), cut as data.dev_queries / data.dev_corpus say:

@@ -238,7 +238,7 @@ class AuxStat:
     over their union: a mean, or N * sum_i f_i P_i with f_i = dispatch_i / count (per-unit fractions), or
     f_i = dispatch_i / sum_j dispatch_j when f_over_activations (dispatch = activation counts: LD-MoLE).
     pool_layers: the trainer sums the layers' stats and finalises once over layers x units (DynMoLE's loss over the
-    concatenated router logits of all layers) instead of averaging the per-layer losses (train.aux_losses).
+    concatenated router logits of all layers) instead of averaging the per-layer losses (losses.aux_losses).
     """
     total: torch.Tensor
     count: torch.Tensor
@@ -313,7 +313,7 @@ def dynmole_load_balance_stat(probs: torch.Tensor, weights: torch.Tensor,
     f_i = mean over the units of the routed weights w_i = p_i * keep_i (not a dispatch count, and with grad, as the
     reference does not detach it), P_i = mean of the softmax probabilities p_i; padding excluded by mask.
     Pooled over layers (pool_layers): the reference concatenates every layer's router logits (moe_peft/model.py,
-    unpack_router_logits) and takes f and P once over layers x tokens, so train.aux_losses sums the layers' stats."""
+    unpack_router_logits) and takes f and P once over layers x tokens, so losses.aux_losses sums the layers' stats."""
     probs, weights = _up(probs), _up(weights)
     f, count = _unit_sum(weights, mask, 1)
     P, _ = _unit_sum(probs, mask, 1)

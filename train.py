@@ -441,13 +441,14 @@ def setup_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
     params = trainable_parameters(um)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     examples = train_examples(cfg)
-    if cfg.router.kind == "retriever" and cfg.train.mode in ("joint_moe", "no_shared"):  # RouterRetriever's pilots
+    if cfg.router.kind == "retriever":  # RouterRetriever's pilots (a joint_moe / no_shared router: MODE_TABLE)
         moe_lora.set_pilot_embeddings(um.base, pilot_inputs(um, examples))  # frozen base: the same on resume
     per_micro = t.batch_size // t.grad_accum  # the sampler's global batch is one micro-step over all ranks
     sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
     dev = load_dev(cfg) if rank == 0 else None
-    run = RunState(cfg, um, model, params, opt, examples, sampler, sum(st.steps for st in t.stages) if t.stages else t.steps,
-              dev, dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None, rank, world)
+    total_steps = sum(st.steps for st in t.stages) if t.stages else t.steps
+    routing_texts = dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None
+    run = RunState(cfg, um, model, params, opt, examples, sampler, total_steps, dev, routing_texts, rank, world)
     if resume:
         run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt)
         if rank == 0:

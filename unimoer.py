@@ -173,7 +173,7 @@ class UniMoER(nn.Module):
         """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
         batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
         the routers' aux statistics [{name: [router.AuxStat per layer]}] of each base call (queries, documents,
-        pairs), which train.aux_losses finalises over the units train.aux_scope names."""
+        pairs), which losses.aux_losses finalises over the units train.aux_scope names."""
         out, calls = {}, []
         if queries is not None:
             out["q"], a = self.embed(queries)
