@@ -7,11 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import data
-from data import DataError
 import config
+import data
+import ir
 import synthetic
 import tiny_setup
+from data import DataError
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -382,3 +383,38 @@ def test_mining_is_deterministic_by_seed_and_limited_by_window_size():
     assert a != data.mine_hard_negatives(*args, rank_window=(0, 20), n_neg=6, seed=4)
     few = data.mine_hard_negatives(*args, rank_window=(0, 4), n_neg=8)
     assert few[0]["neg"] == ["text 0", "text 1", "text 2"]  # ranks 0..3 minus positive d3
+
+
+def beir_folder(root, docs: dict, queries: dict, qrels: list) -> str:
+    """A BEIR folder by hand: corpus, queries, qrels/train.tsv."""
+    os.makedirs(os.path.join(root, "qrels"), exist_ok=True)
+    with open(os.path.join(root, "corpus.jsonl"), "w") as f:
+        f.writelines(json.dumps({"_id": k, "text": v}) + "\n" for k, v in docs.items())
+    with open(os.path.join(root, "queries.jsonl"), "w") as f:
+        f.writelines(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items())
+    with open(os.path.join(root, "qrels", "train.tsv"), "w") as f:
+        f.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in qrels)
+    return str(root)
+
+
+def test_mining_from_a_trec_run_takes_the_window_of_its_ranking_without_positives(tmp_path):
+    """data.py mine reads a run evaluate.py wrote (no model inside data.py): ranks follow the run's scores."""
+    beir = beir_folder(tmp_path / "beir", {f"d{i}": f"doc {i}" for i in range(1, 6)},
+                       {"q1": "first", "q2": "second", "q3": "not in the run"},
+                       [("q1", "d2", 1), ("q2", "d5", 2), ("q3", "d1", 1)])
+    run_path = str(tmp_path / "run.trec")
+    ir.write_trec_run(run_path, {"q1": {"d1": 0.9, "d2": 0.8, "d3": 0.7, "d4": 0.1},
+                                 "q2": {"d4": 0.5, "d5": 0.4, "d3": 0.6}})
+    out = data.mine_from_run(run_path, beir, "train", rank_window=(0, 3), n_neg=2)
+    # q1: ranks 0-2 are d1, d2, d3; the positive d2 is dropped. q2: d3, d4, d5 -> d3, d4. q3: not in the run.
+    assert out == [{"query": "first", "pos": ["doc 2"], "neg": ["doc 1", "doc 3"]},
+                   {"query": "second", "pos": ["doc 5"], "neg": ["doc 3", "doc 4"]}]
+
+
+def test_mining_from_a_run_naming_an_unknown_document_is_one_error(tmp_path):
+    beir = beir_folder(tmp_path / "beir", {"d1": "a"}, {"q1": "b"}, [("q1", "d1", 1)])
+    run_path = str(tmp_path / "run.trec")
+    ir.write_trec_run(run_path, {"q1": {"d1": 1.0, "d9": 0.5}})
+    with pytest.raises(DataError, match=r"run\.trec: document 'd9' \(query 'q1'\) is not in .*corpus\.jsonl"):
+        data.mine_from_run(run_path, beir)
+
