@@ -22,7 +22,8 @@ import yaml
 
 import moe_lora
 from model import ConfigError
-from router import AUX_LOSSES, RouterConfig
+from aux_stats import AUX_LOSSES
+from router import RouterConfig
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
 MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import Config
-from router import finalize_over_layers
+from aux_stats import finalize_over_layers
 
 
 def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:
@@ -63,12 +63,12 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
     """The routers' aux losses of one optimizer step from their statistics -> {name: scalar}, each the mean over
     the adapted layers of the loss over `scope`'s units (sequences, or non-pad tokens for token routing).
 
-    calls: [{name: [router.AuxStat per layer]}] of every base call of the step on this rank (queries, documents
+    calls: [{name: [aux_stats.AuxStat per layer]}] of every base call of the step on this rank (queries, documents
     and pairs of every GradCache chunk; UniMoER.forward's "aux_calls"). Load balance is N * sum_i f_i P_i with
     f_i (Switch: dispatch fraction, no grad; DynMoLE: mean routed weight, with grad; LD-MoLE: share of all expert
     activations) and P_i (mean router probability) over the units (Switch, Fedus et al. 2022, eq. 4-6); z_loss and
     entropy are means over the units. DynMoLE's load balance is one loss over layers x units, not a mean over layers
-    (router.finalize_over_layers).
+    (aux_stats.finalize_over_layers).
       "call":   each call on its own units, then the mean over calls. Every call holds one task, so load balance
                 then asks for balance within each task (the per-forward variant, kept for the ablation).
       "step":   the union of all the step's calls on this rank, both tasks together (Switch's batch). Under DDP
@@ -92,7 +92,7 @@ def aux_losses(calls: Sequence[dict], scope: str) -> dict:
 
 
 def _sum_over_ranks(stats: list) -> list:
-    """router.AuxStats summed over the DDP ranks in one all_reduce. Counts carry no gradient; a total's (and a
+    """aux_stats.AuxStats summed over the DDP ranks in one all_reduce. Counts carry no gradient; a total's (and a
     dispatch sum's, which carries gradient for DynMoLE's f) value becomes the global sum with gradient through this
     rank's own tensor only (the others are constants, as in _gather_keep_local)."""
     parts = [[st.total.detach().reshape(-1), st.count.reshape(1).to(st.total.dtype)]

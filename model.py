@@ -27,7 +27,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.checkpoint import checkpoint
 
-from router import finalize_over_layers
+from aux_stats import finalize_over_layers
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 
@@ -285,7 +285,7 @@ class ForwardContext:
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     task_ids: Optional[torch.Tensor] = None  # (B,) task of each sequence, for task-explicit routers
     capture: bool = False  # record routing weights for analysis
-    aux: dict = field(default_factory=dict)  # name -> list of per-layer router.AuxStat
+    aux: dict = field(default_factory=dict)  # name -> list of per-layer aux_stats.AuxStat
     routing: list = field(default_factory=list)  # captured (layer, weights) when capture is on
     done: bool = False  # set when the forward returns: a checkpoint recompute in backward adds nothing more
     shared: dict = field(default_factory=dict)  # scratch for hooks, e.g. weights computed once for all layers
@@ -302,7 +302,7 @@ class ModelOutput:
     layer_hidden: Optional[list] = None  # [embeddings, block 1, ..., block L] (B, T, H) each, before the final norm
     aux: dict = field(default_factory=dict)  # this call's router aux losses, each over layers (finalize_over_layers)
     routing: Optional[list] = None  # [(layer, weights (B, E) or (B, T, E))] when capture_routing=True
-    aux_stats: dict = field(default_factory=dict)  # name -> [router.AuxStat per layer], to finalise over many calls
+    aux_stats: dict = field(default_factory=dict)  # name -> [aux_stats.AuxStat per layer], to finalise over many calls
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -153,14 +153,14 @@ class UniMoER(nn.Module):
 
     # ---- heads
     def embed(self, batch: dict) -> tuple:
-        """-> (B, H) fp32 L2-normalised embeddings, aux-loss stats {name: [router.AuxStat per layer]}."""
+        """-> (B, H) fp32 L2-normalised embeddings, aux-loss stats {name: [aux_stats.AuxStat per layer]}."""
         out, mask = self.run_base("embed", batch)
         pos = self.pool_positions("embed", mask)
         pooled = out.hidden[torch.arange(mask.shape[0], device=mask.device), pos]  # (B, H)
         return F.normalize(pooled.float(), dim=-1), out.aux_stats
 
     def rerank_scores(self, batch: dict) -> tuple:
-        """-> (B,) fp32 relevance logits, aux-loss stats {name: [router.AuxStat per layer]}."""
+        """-> (B,) fp32 relevance logits, aux-loss stats {name: [aux_stats.AuxStat per layer]}."""
         out, mask = self.run_base("rerank", batch)
         last = self.pool_positions("rerank", mask)
         if self.head is None:
@@ -172,7 +172,7 @@ class UniMoER(nn.Module):
     def forward(self, queries=None, docs=None, pairs=None) -> dict:
         """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
         batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
-        the routers' aux statistics [{name: [router.AuxStat per layer]}] of each base call (queries, documents,
+        the routers' aux statistics [{name: [aux_stats.AuxStat per layer]}] of each base call (queries, documents,
         pairs), which losses.aux_losses finalises over the units train.aux_scope names."""
         out, calls = {}, []
         if queries is not None:

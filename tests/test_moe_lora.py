@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import config
 import moe_lora as ML
 import router as R
+import unimoer
 from model import CausalLM, ForwardContext, ModelConfig
 from moe_lora import ExpertSpec, MoELoRAConfig, MoELoRALinear
 from router import RouterConfig
-import config
-import unimoer
 
 TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8)

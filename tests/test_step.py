@@ -15,6 +15,7 @@ import torch.nn as nn
 import config
 import losses
 import moe_lora
+import aux_stats
 import router
 import tiny_setup
 import train
@@ -36,7 +37,7 @@ def lb_call(n_units: int, p_expert0: float) -> dict:
     """One base call's load-balance statistics: n_units sequences, each routed (argmax) with probabilities
     (p, 1 - p) over two experts."""
     probs = torch.tensor([[p_expert0, 1 - p_expert0]]).expand(n_units, 2)
-    return {"load_balance": [router.load_balance_stat(probs)]}
+    return {"load_balance": [aux_stats.load_balance_stat(probs)]}
 
 
 def task_split_calls(b: int = 1, g: int = 4) -> list:
@@ -69,8 +70,8 @@ def test_the_global_scope_on_one_process_equals_the_step_scope():
 def test_mean_type_aux_losses_over_the_step_weigh_every_unit_once():
     # z_loss / entropy are means over units: one call with 1 unit of value 1 and one with 3 units of value 3 give
     # (1 + 3 * 3) / 4 = 2.5 over the step, but (1 + 3) / 2 = 2 as a mean of per-call means.
-    calls = [{"z_loss": [router.mean_stat(torch.tensor([1.0]))]},
-             {"z_loss": [router.mean_stat(torch.tensor([3.0, 3.0, 3.0]))]}]
+    calls = [{"z_loss": [aux_stats.mean_stat(torch.tensor([1.0]))]},
+             {"z_loss": [aux_stats.mean_stat(torch.tensor([3.0, 3.0, 3.0]))]}]
     assert losses.aux_losses(calls, "step")["z_loss"].item() == pytest.approx(2.5)
     assert losses.aux_losses(calls, "call")["z_loss"].item() == pytest.approx(2.0)
 
@@ -90,7 +91,7 @@ def test_dynmole_load_balance_is_one_loss_pooled_over_layers_and_units():
     # losses would be 2 * .8 * .8 = 1.28.
     p = [torch.tensor([[0.8, 0.2]]), torch.tensor([[0.2, 0.8]])]
     w = [torch.tensor([[0.8, 0.0]]), torch.tensor([[0.0, 0.8]])]
-    calls = [{"load_balance": [router.dynmole_load_balance_stat(pi, wi) for pi, wi in zip(p, w)]}]
+    calls = [{"load_balance": [aux_stats.dynmole_load_balance_stat(pi, wi) for pi, wi in zip(p, w)]}]
     rows_p, rows_w = torch.cat(p), torch.cat(w)  # the reference's (layers * tokens, E)
     by_hand = 2 * (rows_w.mean(0) * rows_p.mean(0)).sum().item()
     assert by_hand == pytest.approx(0.8)
@@ -102,7 +103,7 @@ def test_the_step_scope_gradient_flows_into_every_calls_probabilities():
     # d/dP_sum_i of N sum_i f_i P_sum_i / n^2 = N f_i / n^2 for every unit of every call: (2 * 5/9 / 9, 2 * 4/9 / 9).
     probs = [torch.tensor([[0.9, 0.1]] * n, requires_grad=True) for n in (1, 4)] + \
         [torch.tensor([[0.1, 0.9]] * 4, requires_grad=True)]
-    calls = [{"load_balance": [router.load_balance_stat(p)]} for p in probs]
+    calls = [{"load_balance": [aux_stats.load_balance_stat(p)]} for p in probs]
     losses.aux_losses(calls, "step")["load_balance"].backward()
     for p in probs:
         torch.testing.assert_close(p.grad, torch.tensor([[2 * 5 / 81, 2 * 4 / 81]]).expand_as(p))
