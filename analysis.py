@@ -61,10 +61,10 @@ import losses
 import moe_lora
 import train
 import unimoer
-from figures import (_plot_geometry, _plot_gradients, _plot_interference, _plot_routing, geometry_markdown,
-                     gradients_markdown, interference_markdown, routing_markdown)
-from measures import (_mean, _std, compare_to_specialist, effective_rank, expert_delta_svd, gradient_cosine,
-                      linear_cka, principal_angles)
+from figures import (geometry_markdown, gradients_markdown, interference_markdown, plot_geometry, plot_gradients,
+                     plot_interference, plot_routing, routing_markdown)
+from measures import (compare_to_specialist, effective_rank, expert_delta_svd, gradient_cosine, linear_cka,
+                      mean_or_none, principal_angles, std_or_none)
 from model import ArgumentParser, run_cli
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
@@ -171,7 +171,7 @@ def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str]
             for mode, seeds in by_mode.items():
                 per_seed = [float(seeds[s].mean()) for s in sorted(seeds)]
                 row = {"role": "specialist" if mode == SPECIALIST[task] else "unified", "seeds": sorted(seeds),
-                       "per_seed": per_seed, "mean": _mean(per_seed), "std": _std(per_seed)}
+                       "per_seed": per_seed, "mean": mean_or_none(per_seed), "std": std_or_none(per_seed)}
                 if row["role"] == "unified" and spec is not None:
                     row.update(compare_to_specialist(spec, seeds, n_resamples, seed))
                 rows[mode] = row
@@ -258,7 +258,7 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
         cos = [v["cos"] for v in vals if v["cos"] is not None]
         na, nb = float(np.mean([v["norm_a"] for v in vals])), float(np.mean([v["norm_b"] for v in vals]))
         summary.setdefault(where, {})[kind] = {
-            "cos_mean": _mean(cos), "cos_std": _std(cos), "n": len(cos), "norm_emb": na, "norm_rank": nb,
+            "cos_mean": mean_or_none(cos), "cos_std": std_or_none(cos), "n": len(cos), "norm_emb": na, "norm_rank": nb,
             "conflict_frac": float(np.mean([c < 0 for c in cos])) if cos else None,
             "norm_ratio": na / nb if nb > 0 else None}
     return {"label": run["label"], "mode": run["mode"], "steps": steps, "groups": summary}
@@ -398,12 +398,12 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     geo = geometry(runs, next(iter(texts.values())))
     for name, res in (("interference", inter), ("gradients", grads), ("routing", routs), ("geometry", geo)):
         _write_json(os.path.join(out, f"{name}.json"), res)
-    _plot_interference(plt, inter, os.path.join(out, "interference.png"))
+    plot_interference(plt, inter, os.path.join(out, "interference.png"))
     if grads:
-        _plot_gradients(plt, grads, os.path.join(out, "gradient_cosine.png"))
+        plot_gradients(plt, grads, os.path.join(out, "gradient_cosine.png"))
     learned = [r for r in routs if r["router"] == "learned"] or routs
-    _plot_routing(plt, learned, os.path.join(out, "routing.png"))
-    _plot_geometry(plt, geo, [r["label"] for r in picked], os.path.join(out, "cka.png"),
+    plot_routing(plt, learned, os.path.join(out, "routing.png"))
+    plot_geometry(plt, geo, [r["label"] for r in picked], os.path.join(out, "cka.png"),
                    os.path.join(out, "expert_spectra.png"))
     md = ["# UniMoER analysis report", "", "| run | mode | seed | checkpoint |", "|---|---|---|---|"]
     md += [f"| {r['label']} | {r['mode']} | {r['seed']} | {r['ckpt']} |" for r in runs]

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from routing_fns import DYNMOLE_EPS, _up, tsallis_entropy
+from routing_fns import DYNMOLE_EPS, tsallis_entropy, upcast
 
 AUX_LOSSES = ("load_balance", "z_loss", "entropy", "tsallis", "lambda_sparsity", "lambda_mean")
 
@@ -98,7 +98,7 @@ def _dispatch_fractions(probs: torch.Tensor, dispatch: Optional[torch.Tensor]) -
 def load_balance_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
                       dispatch: Optional[torch.Tensor] = None) -> AuxStat:
     """AuxStat of switch_load_balance: finalize() of the sum over unit sets is the loss over their union."""
-    probs = _up(probs)
+    probs = upcast(probs)
     f, count = _unit_sum(_dispatch_fractions(probs, dispatch).detach(), mask, 1)
     P, _ = _unit_sum(probs, mask, 1)
     return AuxStat(P, count, f)
@@ -106,7 +106,7 @@ def load_balance_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
 
 def mean_stat(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
     """AuxStat of a mean-type loss from its per-unit values (...,)."""
-    total, count = _unit_sum(_up(values), mask, 0)
+    total, count = _unit_sum(upcast(values), mask, 0)
     return AuxStat(total, count)
 
 
@@ -117,7 +117,7 @@ def dynmole_load_balance_stat(probs: torch.Tensor, weights: torch.Tensor,
     reference does not detach it), P_i = mean of the softmax probabilities p_i; padding excluded by mask.
     Pooled over layers (pool_layers): the reference concatenates every layer's router logits (moe_peft/model.py,
     unpack_router_logits) and takes f and P once over layers x tokens, so losses.aux_losses sums the layers' stats."""
-    probs, weights = _up(probs), _up(weights)
+    probs, weights = upcast(probs), upcast(weights)
     f, count = _unit_sum(weights, mask, 1)
     P, _ = _unit_sum(probs, mask, 1)
     return AuxStat(P, count, f, dispatch_grad=True, pool_layers=True)
@@ -131,7 +131,7 @@ def ldmole_load_balance_stat(weights: torch.Tensor, mask: Optional[torch.Tensor]
     over the non-pad units t of weights (..., N), f without grad (the reference counts with sign()). Unlike Switch's
     per-unit split (1/k_t to each chosen expert), a unit that activates more experts counts more. Per layer, then
     averaged over layers, as the reference (LoadBalancingLoss.forward)."""
-    weights = _up(weights)
+    weights = upcast(weights)
     c, count = _unit_sum((weights > 0).to(weights.dtype), mask, 1)
     P, _ = _unit_sum(weights, mask, 1)
     return AuxStat(P, count, c, f_over_activations=True)
@@ -141,7 +141,7 @@ def tsallis_stat(probs: torch.Tensor, q: float = 1.1, mask: Optional[torch.Tenso
     """AuxStat of DynMoLE's entropy loss: mean over the units of the normalised Tsallis entropy S_q(p + 1e-5)
     (mikecovlee/DynMoLE: entropy_loss = router_entropy.mean(), weight router_dyn_loss_coef = 0.01). The reference
     averages over every token row, padding included; here padding is excluded like every other aux loss."""
-    return mean_stat(tsallis_entropy(_up(probs), q, eps=DYNMOLE_EPS), mask)
+    return mean_stat(tsallis_entropy(upcast(probs), q, eps=DYNMOLE_EPS), mask)
 
 
 def lambda_lower_bound(u: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -151,7 +151,7 @@ def lambda_lower_bound(u: torch.Tensor, k: int = 2) -> torch.Tensor:
     sparsegen_lin(u, lambda) keeps at most k experts iff lambda >= lower_k. u is detached (the bound is a target).
     With E <= k experts any lambda keeps at most k: the bound is -inf (the loss below is then 0).
     """
-    u = _up(u).detach()
+    u = upcast(u).detach()
     if u.shape[-1] <= k:
         return torch.full(u.shape[:-1], -math.inf, dtype=u.dtype, device=u.device)
     us = u.sort(dim=-1, descending=True).values
@@ -163,14 +163,14 @@ def lambda_sparsity_stat(u: torch.Tensor, lam: torch.Tensor, k: int = 2,
     """AuxStat of LD-MoLE's analytical sparsity loss mean relu(lower_k(u) - lambda) over the units
     (loss/loss.py RegularizationLoss, k = 2; weight reg_loss_coef). u: the scores fed to sparsegen (..., E);
     lam: (..., 1) as the LambdaPredictor gives it."""
-    lam = _up(lam).squeeze(-1)
+    lam = upcast(lam).squeeze(-1)
     return mean_stat(torch.relu(lambda_lower_bound(u, k) - lam), mask)
 
 
 def lambda_mean_stat(lam: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
     """AuxStat of LD-MoLE's mean (1 - lambda) over the units (loss/loss.py LamSparseLoss; weight lam_loss_coef):
     minimising it raises lambda, i.e. sparser routing."""
-    return mean_stat(1 - _up(lam).squeeze(-1), mask)
+    return mean_stat(1 - upcast(lam).squeeze(-1), mask)
 
 
 def switch_load_balance(probs: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -190,7 +190,7 @@ def z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.T
 
 
 def z_loss_stat(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
-    return mean_stat(torch.logsumexp(_up(logits), dim=-1).square(), mask)
+    return mean_stat(torch.logsumexp(upcast(logits), dim=-1).square(), mask)
 
 
 def entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -199,6 +199,6 @@ def entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.T
 
 
 def entropy_stat(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> AuxStat:
-    p = _up(probs)
+    p = upcast(probs)
     h = -(p * p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum(-1)  # finite gradient where a sparse map gives 0
     return mean_stat(h, mask)

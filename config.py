@@ -54,7 +54,7 @@ def format_rerank_pair(query: str, doc: str, instruction: str = RERANK_INSTRUCTI
 # --------------------------------------------------------------------------------------------- value checks
 # Each section checks its own values (validate(where), `where` = the config file), Config.validate the rules
 # across sections; load_config runs them all before anything is built or written.
-def _check(where: str, key: str, value, ok: bool, expected: str) -> None:
+def check_rule(where: str, key: str, value, ok: bool, expected: str) -> None:
     """One config rule: unless ok, raise ConfigError '<where>: <key> must be <expected> (got <value>)'."""
     if not ok:
         raise ConfigError(f"{where}: {key} must be {expected} (got {value!r})")
@@ -64,12 +64,12 @@ def _check_min(where: str, section, key: str, names: Sequence[str], lo: int) -> 
     """Each named integer field of the section object is >= lo."""
     for name in names:
         v = getattr(section, name)
-        _check(where, f"{key}.{name}", v, v >= lo, f">= {lo}")
+        check_rule(where, f"{key}.{name}", v, v >= lo, f">= {lo}")
 
 
 def _check_text(where: str, key: str, value: Optional[str], optional: bool = False) -> None:
     """A path or name: a non-empty string (None where the field is optional)."""
-    _check(where, key, value, (optional and value is None) or (isinstance(value, str) and bool(value.strip())),
+    check_rule(where, key, value, (optional and value is None) or (isinstance(value, str) and bool(value.strip())),
            "a non-empty string" + (" or null" if optional else ""))
 
 
@@ -97,13 +97,13 @@ class TinyBase:
     def validate(self, where: str, key: str = "model.tiny") -> None:
         _check_min(where, self, key, ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                       "intermediate_size"), 1)
-        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
-        _check(where, f"{key}.head_dim", self.head_dim, self.head_dim >= 2 and self.head_dim % 2 == 0,
+        check_rule(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        check_rule(where, f"{key}.head_dim", self.head_dim, self.head_dim >= 2 and self.head_dim % 2 == 0,
                "even and >= 2 (rotary embedding pairs)")
-        _check(where, f"{key}.num_key_value_heads", self.num_key_value_heads,
+        check_rule(where, f"{key}.num_key_value_heads", self.num_key_value_heads,
                self.num_attention_heads % self.num_key_value_heads == 0,
                f"a divisor of num_attention_heads {self.num_attention_heads} (grouped-query attention)")
-        _check(where, f"{key}.init_std", self.init_std, self.init_std > 0, "> 0")
+        check_rule(where, f"{key}.init_std", self.init_std, self.init_std > 0, "> 0")
 
 
 @dataclass
@@ -154,7 +154,7 @@ class DataSection:
         least = 2 if self.append_eos else 1  # with append_eos the EOS takes the last of the max_*_len tokens
         for name in ("max_query_len", "max_doc_len", "max_pair_len"):
             v = getattr(self, name)
-            _check(where, f"{key}.{name}", v, v >= least, f">= {least}" + (" (one text token + EOS with "
+            check_rule(where, f"{key}.{name}", v, v >= least, f">= {least}" + (" (one text token + EOS with "
                                                                              "data.append_eos)" if least == 2 else ""))
 
 
@@ -174,17 +174,17 @@ class AdapterSection:
     def validate(self, where: str, key: str = "adapters") -> None:
         _check_min(where, self, key, ("r", "shared_r"), 1)
         for name in ("alpha", "shared_alpha"):
-            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+            check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
         short = [t[:-len("_proj")] for t in moe_lora.TARGETS]
         ok = bool(self.targets) and len(set(self.targets)) == len(self.targets) and \
             all(t in short or t in moe_lora.TARGETS for t in self.targets)
-        _check(where, f"{key}.targets", self.targets, ok, f"a non-empty list of distinct names among "
+        check_rule(where, f"{key}.targets", self.targets, ok, f"a non-empty list of distinct names among "
                f"{', '.join(short)} (or {', '.join(moe_lora.TARGETS)})")
         if self.layers is not None:
             ok = bool(self.layers) and len(set(self.layers)) == len(self.layers) and min(self.layers) >= 0
-            _check(where, f"{key}.layers", self.layers, ok, "null (every layer) or a non-empty list of distinct "
+            check_rule(where, f"{key}.layers", self.layers, ok, "null (every layer) or a non-empty list of distinct "
                    "layer indices >= 0")
-        _check(where, f"{key}.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
+        check_rule(where, f"{key}.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
 
 
 @dataclass
@@ -195,8 +195,8 @@ class Stage:
     freeze_experts: list[str] = field(default_factory=list)
 
     def validate(self, where: str, key: str) -> None:
-        _check(where, f"{key}.steps", self.steps, self.steps >= 1, ">= 1")
-        _check(where, f"{key}.lr", self.lr, self.lr is None or self.lr > 0, "> 0 or null (train.lr)")
+        check_rule(where, f"{key}.steps", self.steps, self.steps >= 1, ">= 1")
+        check_rule(where, f"{key}.lr", self.lr, self.lr is None or self.lr > 0, "> 0 or null (train.lr)")
 
 
 @dataclass
@@ -238,23 +238,23 @@ class TrainSection:
 
     def validate(self, where: str, key: str = "train") -> None:
         _check_text(where, f"{key}.out_dir", self.out_dir)
-        _check(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
+        check_rule(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
         _check_min(where, self, key, ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk",
                                       "max_bad_steps"), 1)
         _check_min(where, self, key, ("warmup_steps",), 0)
-        _check(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
+        check_rule(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
                f"a multiple of train.grad_accum {self.grad_accum}")
         for name in ("lr", "temperature", "clip"):
-            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
+            check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
         for name in ("weight_decay", "emb_weight", "rank_weight"):
-            _check(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
-        _check(where, f"{key}.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+            check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        check_rule(where, f"{key}.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
         for name, w in self.aux_weights.items():
-            _check(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
+            check_rule(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
                    f"an aux loss among {', '.join(AUX_LOSSES)}")
-            _check(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
+            check_rule(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
         if self.max_update_rms is not None:
-            _check(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
+            check_rule(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
         for i, st in enumerate(self.stages):
             st.validate(where, f"{key}.stages[{i}]")
 
@@ -285,17 +285,17 @@ class Config:
         for key, names in [("train.freeze_experts", t.freeze_experts)] + \
                 [(f"train.stages[{i}].freeze_experts", st.freeze_experts) for i, st in enumerate(t.stages)]:
             for name in names:
-                _check(where, key, name, name in experts, f"an expert of mode {t.mode} ({', '.join(experts)})")
+                check_rule(where, key, name, name in experts, f"an expert of mode {t.mode} ({', '.join(experts)})")
         for i, st in enumerate(t.stages):
-            _check(where, f"train.stages[{i}].tasks", st.tasks, st.tasks in ["both"] + tasks,
+            check_rule(where, f"train.stages[{i}].tasks", st.tasks, st.tasks in ["both"] + tasks,
                    f"'both' or a task mode {t.mode} trains ({', '.join(tasks)})")
         weights = [getattr(t, {"embed": "emb_weight", "rerank": "rank_weight"}[x]) for x in tasks]
-        _check(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
+        check_rule(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
                f"> 0 for at least one task mode {t.mode} trains")
         layers = self.adapters.layers
         if layers is not None and self.model.path is None:  # the tiny base's depth is known now; a model
             n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs
-            _check(where, "adapters.layers", layers, max(layers) < n, f"layer indices < model.tiny.num_hidden_layers "
+            check_rule(where, "adapters.layers", layers, max(layers) < n, f"layer indices < model.tiny.num_hidden_layers "
                    f"{n}")
 
 

@@ -43,11 +43,11 @@ import torch.distributed as dist
 import data
 import moe_lora
 from config import Config
-from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queries, read_trec_run,
-                resolve_drop_self, write_trec_run, write_text_atomic)
+from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queries, read_trec_run, resolve_drop_self,
+                write_text_atomic, write_trec_run)
 from model import ArgumentParser, UsageError, run_cli
 from retrieval import bm25_run, build_index, dense_run, encode_corpus, encode_queries, rerank, two_stage
-from unimoer import UniMoER, _sha256, autocast_for, load_model, model_settings, setup_distributed
+from unimoer import UniMoER, autocast_for, load_model, model_settings, setup_distributed, sha256_file
 
 STAGES = ("retrieval", "two_stage", "rerank")  # "candidates" (the input run of --candidates) is scored, not written
 METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
@@ -380,7 +380,7 @@ def eval_provenance(info: dict, rr, rr_info, um, es: EvalSet, dev, world: int, m
         "k_retrieve": es.k_retrieve, "k_rerank": es.k_rerank, "index": index,
         "drop_self": drop_self, "self_hits_dropped": es.drop,
         "candidates": os.path.abspath(candidates) if candidates is not None else None,
-        "candidates_sha256": _sha256(candidates) if candidates is not None else None,
+        "candidates_sha256": sha256_file(candidates) if candidates is not None else None,
         "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "faiss": faiss.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": None}
 

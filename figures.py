@@ -111,7 +111,7 @@ def geometry_markdown(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _plot_interference(plt, res: dict, path: str) -> None:
+def plot_interference(plt, res: dict, path: str) -> None:
     panels = [(ds, task, t) for ds, tasks in res["datasets"].items() for task, t in tasks.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (ds, task, t) in zip(axes[0], panels):
@@ -129,7 +129,7 @@ def _plot_interference(plt, res: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_gradients(plt, grads: list, path: str) -> None:
+def plot_gradients(plt, grads: list, path: str) -> None:
     fig, axes = plt.subplots(len(grads), 1, figsize=(8, 2.4 * len(grads)), squeeze=False)
     for ax, res in zip(axes[:, 0], grads):
         linears = [w for w in res["groups"] if w not in ("all",) and not w.endswith(".router")]
@@ -147,7 +147,7 @@ def _plot_gradients(plt, grads: list, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_routing(plt, routs: list, path: str) -> None:
+def plot_routing(plt, routs: list, path: str) -> None:
     fig, axes = plt.subplots(len(routs), 3, figsize=(10, 2.6 * len(routs)), squeeze=False)
     for row, res in zip(axes, routs):
         snap = next(iter(res["eval"].values()))
@@ -173,7 +173,7 @@ def _plot_routing(plt, routs: list, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_geometry(plt, geo: dict, labels: list, cka_path: str, spectra_path: str) -> None:
+def plot_geometry(plt, geo: dict, labels: list, cka_path: str, spectra_path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     for ax, task in zip(axes, ("embed", "rerank")):
         im = ax.imshow(np.array(geo["cka_across_configs"][task][-1], dtype=float), vmin=0, vmax=1, cmap="viridis")

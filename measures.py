@@ -60,7 +60,7 @@ def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed:
     tir = [task_interference_ratio(float(np.mean(ref[s])), float(np.mean(uni[s]))) for s in uni_seeds]
     defined = [t for t in tir if t is not None]
     diff = np.stack([ref[s] - uni[s] for s in uni_seeds])  # (S, Q)
-    return {"seeds_paired": paired, "tir_per_seed": tir, "tir_mean": _mean(defined), "tir_std": _std(defined),
+    return {"seeds_paired": paired, "tir_per_seed": tir, "tir_mean": mean_or_none(defined), "tir_std": std_or_none(defined),
             "bootstrap": paired_bootstrap(diff, n_resamples, seed)}
 
 
@@ -120,9 +120,9 @@ def effective_rank(s) -> float:
     return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
 
 
-def _mean(xs) -> Optional[float]:
+def mean_or_none(xs) -> Optional[float]:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def _std(xs) -> Optional[float]:
+def std_or_none(xs) -> Optional[float]:
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else None

@@ -171,7 +171,7 @@ def _map_batches(fn, order: Sequence[int], sizes: Sequence[int], batch_size: int
     return [item for part in parts for item in part] if rank == 0 else None
 
 
-def _encode_length_sorted(encode, texts: Sequence[str], batch_size: int, desc: str,
+def encode_length_sorted(encode, texts: Sequence[str], batch_size: int, desc: str,
                           progress: Optional[bool], shard: bool = False) -> Optional[np.ndarray]:
     """Call encode(batch_texts, batch_size) on batches of similar character length (longest first, so an
     out-of-memory shows up at once and padding is small); the rows come back in the original order.
@@ -207,13 +207,13 @@ def encode_corpus(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str], bat
         raise EvalError(f"{len(doc_ids)} doc ids but {len(doc_texts)} doc texts")
     if len(set(doc_ids)) != len(doc_ids):
         raise EvalError("doc ids are not unique")
-    return _encode_length_sorted(encoder.encode_documents, doc_texts, batch_size, "encode corpus", progress, shard)
+    return encode_length_sorted(encoder.encode_documents, doc_texts, batch_size, "encode corpus", progress, shard)
 
 
 def encode_queries(encoder, query_texts: Sequence[str], batch_size: int = 64,
                    progress: Optional[bool] = None, shard: bool = False) -> Optional[np.ndarray]:
     """(n, d) float32 query embeddings in the order of query_texts (length-sorted batches; shard as above)."""
-    return _encode_length_sorted(encoder.encode_queries, query_texts, batch_size, "encode queries", progress, shard)
+    return encode_length_sorted(encoder.encode_queries, query_texts, batch_size, "encode queries", progress, shard)
 
 
 def retrieve(encoder, queries: Mapping[str, str], corpus_texts: Mapping[str, str], k: int = 100,

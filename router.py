@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from aux_stats import (AUX_LOSSES, dynmole_load_balance_stat, entropy_stat, lambda_mean_stat, lambda_sparsity_stat,
                        ldmole_load_balance_stat, load_balance_stat, tsallis_stat, z_loss_stat)
-from routing_fns import (ROUTING_FNS, _up, dynmole_hybrid, entmax15, entmax_bisect, softmax, sparsegen_lin,
-                         sparsemax, topk_softmax)
+from routing_fns import (ROUTING_FNS, dynmole_hybrid, entmax15, entmax_bisect, softmax, sparsegen_lin, sparsemax,
+                         topk_softmax, upcast)
 
 ROUTER_KINDS = ("task", "learned", "retriever")
 LDMOLE_EPS = 1e-2  # LD-MoLE: lambda = logsigmoid(MLP(x)) + 1 - eps (GlobalSparsegen eps)
@@ -134,12 +134,12 @@ def pool(x: torch.Tensor, mask: torch.Tensor, how: str, cache: Optional[dict] = 
         if got is None:
             T = mask.shape[1]
             got = T - 1 - mask.flip(1).long().argmax(dim=1)  # (B,), left or right padding
-        out = _up(x[torch.arange(x.shape[0], device=x.device), got])
+        out = upcast(x[torch.arange(x.shape[0], device=x.device), got])
     else:
         if got is None:
             m = mask.to(torch.float32)
             got = (m / m.sum(1, keepdim=True).clamp(min=1)).to(x.dtype)[:, None, :]  # (B, 1, T)
-        out = _up(torch.bmm(got, x)[:, 0])  # one matmul, no (B, T, H) temporary
+        out = upcast(torch.bmm(got, x)[:, 0])  # one matmul, no (B, T, H) temporary
     if cache is not None:
         cache[key] = got
     return out
@@ -213,7 +213,7 @@ class LearnedRouter(nn.Module):
 
     def features(self, x: torch.Tensor, ctx) -> torch.Tensor:
         cfg = self.cfg
-        h = pool(x, ctx.attention_mask, cfg.pooling, ctx.shared) if cfg.granularity == "sequence" else _up(x)
+        h = pool(x, ctx.attention_mask, cfg.pooling, ctx.shared) if cfg.granularity == "sequence" else upcast(x)
         if cfg.normalize_input:
             h = F.rms_norm(h, (h.shape[-1],), eps=1e-6)
         if self.training and cfg.jitter > 0:
@@ -267,7 +267,7 @@ class LearnedRouter(nn.Module):
         cfg, want = self.cfg, set(self.cfg.aux_losses)
         mask = ctx.attention_mask if w.dim() == 3 else None
         dense = cfg.fn in ("topk", "dynmole")  # P from the full softmax; the other maps use their own output
-        probs = torch.softmax(_up(logits), dim=-1) if dense else w
+        probs = torch.softmax(upcast(logits), dim=-1) if dense else w
         aux = {}
         if "load_balance" in want:
             if cfg.fn == "dynmole":
@@ -329,7 +329,7 @@ class RetrieverRouter(nn.Module):
         c = self.pilots
         if self.cfg.retriever_score == "cos":
             e, c = F.normalize(e, dim=-1), F.normalize(c, dim=-1)
-        s = _up(e) @ c.t()  # (B, E)
+        s = upcast(e) @ c.t()  # (B, E)
         return F.one_hot(s.argmax(-1), c.shape[0]).to(s.dtype), {}
 
 

@@ -22,19 +22,19 @@ ROUTING_FNS = ("softmax", "topk", "sparsemax", "sparsegen", "entmax15", "entmax_
 DYNMOLE_EPS = 1e-5  # DynMoLE adds it to p inside its Tsallis entropy (moe_utils.tsallis_entropy, entropy_eps)
 
 
-def _up(z: torch.Tensor) -> torch.Tensor:
+def upcast(z: torch.Tensor) -> torch.Tensor:
     """Upcast to the compute dtype: fp32, or float64 when given float64."""
     return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------- routing functions
 def softmax(z: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_up(z), dim=-1)
+    return torch.softmax(upcast(z), dim=-1)
 
 
 def topk_softmax(z: torch.Tensor, k: int) -> torch.Tensor:
     """Softmax over the k largest scores, zeros elsewhere (ties broken by torch.topk)."""
-    z = _up(z)
+    z = upcast(z)
     if k >= z.shape[-1]:
         return torch.softmax(z, dim=-1)
     vals, idx = z.topk(k, dim=-1)
@@ -64,7 +64,7 @@ class _Sparsemax(torch.autograd.Function):
 
 
 def sparsemax(z: torch.Tensor) -> torch.Tensor:
-    return _Sparsemax.apply(_up(z))
+    return _Sparsemax.apply(upcast(z))
 
 
 def sparsegen_lin(z: torch.Tensor, lam) -> torch.Tensor:
@@ -74,7 +74,7 @@ def sparsegen_lin(z: torch.Tensor, lam) -> torch.Tensor:
     """
     if not torch.is_tensor(lam) and lam >= 1:
         raise ValueError(f"sparsegen_lin: lam must be < 1, got {lam}")
-    z = _up(z)
+    z = upcast(z)
     return sparsemax(z / (1 - (lam.to(z.dtype) if torch.is_tensor(lam) else lam)))
 
 
@@ -111,7 +111,7 @@ def _entmax_vjp(p: torch.Tensor, g: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def entmax15(z: torch.Tensor) -> torch.Tensor:
-    return _Entmax15.apply(_up(z))
+    return _Entmax15.apply(upcast(z))
 
 
 class _EntmaxBisect(torch.autograd.Function):
@@ -150,7 +150,7 @@ def entmax_bisect(z: torch.Tensor, alpha: float = 1.5, n_iter: int = 50) -> torc
         raise ValueError(f"entmax_bisect: alpha must be >= 1, got {alpha}")
     if alpha == 1:
         return softmax(z)
-    return _EntmaxBisect.apply(_up(z), float(alpha), int(n_iter))
+    return _EntmaxBisect.apply(upcast(z), float(alpha), int(n_iter))
 
 
 def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True,

@@ -253,7 +253,7 @@ def load_trainer_state(ckpt: str, um: UniMoER, opt) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------- jsonl logs
-def _truncate_jsonl(path: str, step: int) -> None:
+def truncate_jsonl(path: str, step: int) -> None:
     """Drop lines logged after `step` (by a run killed after its last checkpoint), so a resume does not repeat."""
     if os.path.isfile(path):
         with open(path) as f:
@@ -261,7 +261,7 @@ def _truncate_jsonl(path: str, step: int) -> None:
         write_text_atomic(path, "".join(lines))
 
 
-def _append_jsonl(path: str, record: dict) -> None:
+def append_jsonl(path: str, record: dict) -> None:
     try:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -401,7 +401,7 @@ def record_resume(cfg: Config, changes: dict) -> None:
     step = int(_read_name(os.path.join(out, "latest")).rsplit("-", 1)[1])
     for k, (a, b) in changes.items():
         print(f"--resume: {k}: {a!r} -> {b!r}", flush=True)
-    _append_jsonl(os.path.join(out, "resumes.jsonl"), {
+    append_jsonl(os.path.join(out, "resumes.jsonl"), {
         "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "changes": {k: list(v) for k, v in changes.items()}})
     if changes:

@@ -34,13 +34,12 @@ from tqdm import tqdm
 import data
 import moe_lora
 import synthetic
-from config import Config, ConfigError, Stage, _check, load_config, mode_tasks
+from config import Config, ConfigError, Stage, check_rule, load_config, mode_tasks
 from evaluate import dev_evaluate, dev_routing_texts, load_dev
 from losses import aux_losses, total_loss
 from model import UsageError, load_tokenizer, run_cli
-from runs import (_append_jsonl, _truncate_jsonl, copy_dir_atomically, last_good_checkpoint,
-                  load_trainer_state, open_run_dir, save_checkpoint, save_config, tiny_base_cache_dir,
-                  write_tiny_base)
+from runs import (append_jsonl, copy_dir_atomically, last_good_checkpoint, load_trainer_state, open_run_dir,
+                  save_checkpoint, save_config, tiny_base_cache_dir, truncate_jsonl, write_tiny_base)
 from unimoer import (UniMoER, autocast_for, batch_inputs, build_model, check_lengths, checkpoint_dir,
                      has_learned_router, pilot_inputs, routing_snapshot, setup_distributed, trainable_parameters)
 
@@ -60,7 +59,7 @@ def check_inputs(cfg: Config, where: str) -> None:
                     n = json.load(f).get("num_hidden_layers")
             except (json.JSONDecodeError, AttributeError):
                 raise ConfigError(f"{where}: model.path {m.path!r}: config.json is not a JSON object") from None
-            _check(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
+            check_rule(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
                    f"layer indices < {n}, the depth of {m.path}")
     if m.tokenizer is not None and not os.path.exists(m.tokenizer):
         raise ConfigError(f"{where}: model.tokenizer {m.tokenizer!r}: not found")
@@ -412,7 +411,7 @@ def train_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
         t0 = time.time()
         lr, tasks, ok, logs = train_step(run, autocast)
         if rank == 0:
-            _append_jsonl(run.path("train_log.jsonl"), {"step": run.step, "lr": lr, "tasks": tasks,
+            append_jsonl(run.path("train_log.jsonl"), {"step": run.step, "lr": lr, "tasks": tasks,
                                                          "skipped": not ok, **logs})
             bar.update(1)
             bar.write(f"step {run.step}/{run.total_steps} | loss " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
@@ -453,7 +452,7 @@ def setup_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
         run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt)
         if rank == 0:
             for name in LOGS:
-                _truncate_jsonl(run.path(name), run.step)
+                truncate_jsonl(run.path(name), run.step)
     elif rank == 0:
         save_config(cfg, run.path("config.yaml"))
         for name in LOGS:
@@ -491,9 +490,9 @@ def train_step(run: RunState, autocast) -> tuple:
 def evaluate_and_log(run: RunState) -> dict:
     """Rank 0: a dev evaluation at run.step, appended to metrics.jsonl (and a routing snapshot to routing.jsonl)."""
     m = {"step": run.step, **dev_evaluate(run.um, run.dev, run.cfg)}
-    _append_jsonl(run.path("metrics.jsonl"), m)
+    append_jsonl(run.path("metrics.jsonl"), m)
     if run.routing_texts:
-        _append_jsonl(run.path("routing.jsonl"), {"step": run.step, **routing_snapshot(run.um, *run.routing_texts)})
+        append_jsonl(run.path("routing.jsonl"), {"step": run.step, **routing_snapshot(run.um, *run.routing_texts)})
     return m
 
 

@@ -28,12 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moe_lora
-from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, _check, adapter_config,
-                    apply_overrides, config_from_dict, format_query, format_rerank_pair, load_config)
+from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
+                    check_rule, config_from_dict, format_query, format_rerank_pair, load_config)
 from data import doc_text
 from ir import EvalError
 from model import CausalLM, last_token_positions, load_pretrained, load_tokenizer
-from retrieval import _encode_length_sorted
+from retrieval import encode_length_sorted
 from router import LearnedRouter, RetrieverRouter
 
 
@@ -73,13 +73,13 @@ def check_lengths(cfg: Config, tok, where: str) -> None:
     the reranker's prefix, suffix and `<Instruct>: ...\\n<Query>: \\n<Document>: ` and at least one text token."""
     d = cfg.data
     frame = len(tok.encode_ids([format_query("", d.embed_instruction)], 10**9, add_eos=d.append_eos)[0])
-    _check(where, "data.max_query_len", d.max_query_len, d.max_query_len > frame,
+    check_rule(where, "data.max_query_len", d.max_query_len, d.max_query_len > frame,
            f"> {frame}, the tokens of the query template with data.embed_instruction"
            + (" and the EOS" if d.append_eos else ""))
     ids = lambda text: tok.encode_ids([text], 10**9, add_special_tokens=False)[0]  # noqa: E731
     frame = len(ids(RERANK_PREFIX)) + len(ids(RERANK_SUFFIX)) + \
         len(ids(format_rerank_pair("", "", d.rerank_instruction)))
-    _check(where, "data.max_pair_len", d.max_pair_len, d.max_pair_len > frame,
+    check_rule(where, "data.max_pair_len", d.max_pair_len, d.max_pair_len > frame,
            f"> {frame}, the tokens of the reranker template with data.rerank_instruction")
 
 
@@ -373,7 +373,7 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu") -> UniMoER:
     return um.eval()
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -425,7 +425,7 @@ def load_model(path: str, device="cpu", max_doc_len: Optional[int] = None, overr
                                 "is evaluated with its own config.yaml")
             um = load_run(path, device)
             info = {"kind": "checkpoint", "checkpoint_dir": os.path.abspath(ckpt), "mode": um.cfg.train.mode,
-                    "adapters_sha256": _sha256(os.path.join(ckpt, "adapters.safetensors"))}
+                    "adapters_sha256": sha256_file(os.path.join(ckpt, "adapters.safetensors"))}
         else:
             cfg = config_from_dict(apply_overrides({}, overrides), "evaluate.py overrides")
             cfg.model.path = path
@@ -491,4 +491,4 @@ class MTEBEncoder:
         if not texts:
             return np.zeros((0, self.model.base.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
-            return _encode_length_sorted(encode, texts, batch_size, f"mteb {kind or 'document'}", self.progress)
+            return encode_length_sorted(encode, texts, batch_size, f"mteb {kind or 'document'}", self.progress)
