@@ -28,11 +28,13 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 import zlib
 
 import faiss
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
@@ -78,11 +80,6 @@ class RandomProjectionBowEncoder:
 def random_unimoer(widths: dict, tmp: str, max_doc_len: int):
     """A UniMoER (joint_moe experts, learned router) over a random base of the given widths, built in `tmp`
     the way train.py builds the tiny default: the synthetic task's tokenizer, write_tiny_base, build_model."""
-    import torch
-
-    import data
-    import train
-
     task = os.path.join(tmp, "task")
     if not os.path.isdir(task):
         synthetic.make_synthetic(task, n_docs=300, n_train=200, n_dev=16, n_test=16)  # only its tokenizer is used
@@ -169,9 +166,6 @@ def bench_search(args) -> None:
 
 
 def bench_encode(args) -> None:
-    import tempfile
-
-    import torch
 
     all_texts = synthetic_corpus(args.enc_docs)
     print(f"== corpus encoding: synthetic docs (10-300 words, mean {np.mean([len(t) for t in all_texts]):.0f} chars), "

@@ -13,6 +13,7 @@ import ir
 import synthetic
 import tiny_setup
 from data import DataError
+from model import load_tokenizer
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -276,8 +277,6 @@ def test_synthetic_train_jsonl_has_target_and_lexical_traps_first(synth):
 
 
 def test_synthetic_tokenizer_round_trips_templates_with_single_token_yes_no(synth):
-    from model import load_tokenizer
-
     tok = load_tokenizer(synth)
     raw = tok.tok
     doc = data.doc_text(next(iter(data.load_corpus(synth).values())))

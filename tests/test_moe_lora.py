@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import config
+import data
 import moe_lora as ML
 import router as R
+import tiny_setup
+import train
 import unimoer
 from model import CausalLM, ForwardContext, ModelConfig
 from moe_lora import ExpertSpec, MoELoRAConfig, MoELoRALinear
@@ -606,10 +610,6 @@ def test_retriever_pilots_round_trip_through_save_and_load(tmp_path):
 
 
 def test_a_retriever_run_stores_the_centroids_of_its_tasks_inputs_as_pilots(tmp_path):
-    import os
-    import data
-    import tiny_setup
-    import train
     task = tiny_setup.write_synthetic(str(tmp_path / "synthetic"))
     router = {"kind": "retriever", "pilot_examples": 6,
               "task_experts": {"embed": ["embed", "shared"], "rerank": ["rerank", "shared"]}}
@@ -651,7 +651,6 @@ EXP2 = ["topk", "sparsemax", "entmax15", "dynmole", "ldmole", "retriever"]
 def exp2_model(name: str, overrides=()):
     """configs/tiny_exp2_<name>.yaml's experts and router on the tiny test base; learned routers get the same
     projection (seeded, large enough that routing is confident), the retriever pilots from three input groups."""
-    import train
     spec = config.adapter_config(config.load_config(f"configs/tiny_exp2_{name}.yaml", overrides))
     model = ML.attach(tiny_model(), spec)
     g = torch.Generator().manual_seed(7)
@@ -672,7 +671,6 @@ def test_each_experiment2_router_config_routes_differently_from_softmax(name):
     ids, mask, tasks = batch()
     ids = torch.cat([ids, three_groups()[0][2][:3]])  # a few inputs the retriever sends to other experts
     mask, tasks = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)]), torch.cat([tasks, tasks])
-    import train
     cfg = config.load_config(f"configs/tiny_exp2_{name}.yaml")
     # softmax with the same routed experts (the retriever's shared expert is always on) and granularity
     like = [f"--adapters.shared={cfg.adapters.shared}", f"--router.granularity={cfg.router.granularity}"]

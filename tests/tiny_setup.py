@@ -8,16 +8,19 @@ import copy
 import os
 import sys
 
+import torch
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # ddp_worker.py runs as a script, without conftest.py
     sys.path.insert(0, REPO)
 
-import config
+import config  # noqa: E402
 import data  # noqa: E402
-import synthetic
-import unimoer
+import moe_lora  # noqa: E402
+import synthetic  # noqa: E402
+import train  # noqa: E402
+import unimoer  # noqa: E402
 
 SYNTHETIC = dict(seed=0, n_docs=300, n_train=200, n_dev=16, n_test=16, n_concepts=150)
 
@@ -67,8 +70,6 @@ def fixed_batch(data_dir: str, n_queries: int, n_neg: int) -> tuple:
 def step_chunks(um, data_dir: str, start: int, n_queries: int, chunks: int) -> list:
     """UniMoER.forward inputs, both tasks, of training examples [start, start + n_queries) (each with its first
     positive and first n_neg negatives), split into `chunks` consecutive parts of equal size."""
-    import train
-
     examples = data.read_train_jsonl(os.path.join(data_dir, "train.jsonl"))[start:start + n_queries]
     b, n_neg = n_queries // chunks, um.cfg.data.n_neg
     return [unimoer.batch_inputs(um, {"query": [ex["query"] for ex in part], "pos": [ex["pos"][0] for ex in part],
@@ -78,9 +79,6 @@ def step_chunks(um, data_dir: str, start: int, n_queries: int, chunks: int) -> l
 
 def randomize_lora_B(um, seed: int, std: float = 0.05) -> None:
     """Give every expert a non-zero B (B starts at zero, which would make the adapters and A's gradient vanish)."""
-    import torch
-    import moe_lora
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in um.base.modules():
@@ -100,8 +98,6 @@ def read_tree(d: str) -> dict:
 
 def finished_run(root: str, task: str) -> tuple:
     """A finished 2-step tiny run on `task` in <root>/run -> (config path, run directory)."""
-    import train  # after sys.path is set; train is not needed by ddp_worker's own imports
-
     cfg = write_config(os.path.join(root, "cfg.yaml"), task, os.path.join(root, "run"),
                        train={"steps": 2, "eval_every": 2, "save_every": 2, "warmup_steps": 1})
     train.main([cfg])
