@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 import torch
+from safetensors.torch import load_file
 
 import config
 import data
@@ -219,8 +220,6 @@ def test_max_doc_len_truncates_documents_in_both_stages(run):
 
 # --------------------------------------------------------------------------------------------- costs
 def test_costs_count_the_base_once_unified_and_twice_for_two_separate_models(run, evaluated):
-    from safetensors.torch import load_file
-
     params = evaluated[0]["costs"]["params"]
     base = sum(t.numel() * t.element_size() for t in load_file(os.path.join(run, "base", "model.safetensors")).values())
     adapters = load_file(os.path.join(unimoer.checkpoint_dir(run), "adapters.safetensors"))

@@ -3,6 +3,7 @@ import random
 import re
 import zlib
 
+import faiss
 import numpy as np
 import pytest
 import pytrec_eval
@@ -268,7 +269,6 @@ def low_rank(n, d, rank, seed, basis_seed=0, noise=0.05):
 def one_faiss_thread():
     """Index building on these small sets is fastest single-threaded; OpenMP threads on a busy machine (other
     test processes) make faiss's k-means many times slower."""
-    import faiss
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -283,8 +284,6 @@ def test_unknown_model_type_raises_naming_config_json_and_the_type(checkpoints, 
 
 
 def test_tensor_of_the_wrong_shape_raises_naming_key_and_file(checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     d = copy_checkpoint(checkpoints, "qwen3", tmp_path)
     fn = d / "model.safetensors"
     tensors = load_file(fn)
@@ -296,8 +295,6 @@ def test_tensor_of_the_wrong_shape_raises_naming_key_and_file(checkpoints, tmp_p
 
 
 def test_missing_and_unexpected_keys_are_listed(checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     d = copy_checkpoint(checkpoints, "qwen3", tmp_path)
     fn = d / "model.safetensors"
     tensors = load_file(fn)

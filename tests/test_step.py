@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 import config
 import losses
@@ -211,7 +212,6 @@ def test_a_grad_accum_run_ends_with_the_adapters_of_a_one_chunk_run(task, tmp_pa
 
 
 def run_adapters(out_dir) -> dict:
-    from safetensors.torch import load_file
     return load_file(os.path.join(unimoer.checkpoint_dir(out_dir), "adapters.safetensors"))
 
 

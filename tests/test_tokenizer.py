@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from model import CheckpointError, last_token_positions, load_tokenizer
 
@@ -22,8 +23,6 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "a query", "rerank the d
 
 
 def write_tokenizer(d, post_eos=False):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=[EOS, "[UNK]"]))
