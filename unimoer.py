@@ -1,15 +1,17 @@
 """UniMoER: one frozen base + LoRA experts + both task heads, built from a config or loaded from a run or a plain
 model directory; the encoder interface evaluate.py and analysis.py use, and an MTEB encoder on the same path.
 
-Per-task rules live in one place, TASK_RULES and UniMoER.tokens / UniMoER.run_base: which template and length a
-text gets, whether EOS is appended, the causal flag, the task id the router reads, and the pooled position.
+Per-task rules live in one place, UniMoER's tokens_queries / tokens_documents / tokens_pairs (which template and
+length a text gets, whether EOS is appended), causal and run_base (the causal flag, the task id the routers read)
+and pool_positions (the pooled position); every caller that runs the base for a task goes through them.
 Embedding: queries `Instruct: {instruction}\\nQuery:{query}` + EOS, documents bare + EOS (no EOS with
 data.append_eos false); pooled at the last real token (or, bidirectional only, the first); L2-normalised.
 Reranking: RERANK_PREFIX + `<Instruct>: ...\\n<Query>: ...\\n<Document>: ...` (truncated) + RERANK_SUFFIX, read
 causally; score = logit("yes") - logit("no") at the last position (or a linear head, train.rerank_head).
 
-Reading order: check_lengths -> UniMoER (tokens -> run_base -> heads -> forward -> encoder interface -> routing
-snapshot) -> build_model -> checkpoint_dir / check_adapters_match -> load_run / load_model -> MTEBEncoder.
+Reading order: devices and dtypes (setup_distributed, autocast_for) -> check_lengths -> UniMoER (tokens ->
+run_base -> heads -> forward -> encoder interface) -> routing_snapshot, pilot_inputs, batch_inputs -> build_model ->
+checkpoint_dir / check_adapters_match -> load_run / load_model -> MTEBEncoder.
 """
 from __future__ import annotations
 
