@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
-import moe_lora  # noqa: E402
 import train  # noqa: E402
 import unimoer  # noqa: E402
 
@@ -113,7 +112,6 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        moe_lora.clear_routing(um.base)
         hist.append(float(loss.detach()))
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             w = hist[-args.every:]

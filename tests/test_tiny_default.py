@@ -98,12 +98,12 @@ def test_bm25_matches_a_hand_computed_score():
 def test_dev_candidates_do_not_depend_on_the_model(synthetic, tmp_path, one_thread):
     cfg = train.prepare(tiny_cfg(tmp_path, synthetic), 0)
     dev = evaluate.load_dev(cfg)
-    runs = []
+    cands = []
     for seed in (0, 1):
         cfg.train.seed = seed
-        runs.append(evaluate.dev_candidates(unimoer.build_model(cfg, torch.device("cpu")), dev, cfg))
-    assert runs[0] == runs[1] and set(runs[0]) == set(dev[1])
-    assert ir.read_trec_run(os.path.join(cfg.train.out_dir, evaluate.DEV_CANDIDATES)) == runs[1]
+        cands.append(evaluate.dev_candidates(unimoer.build_model(cfg, torch.device("cpu")), dev, cfg))
+    assert cands[0] == cands[1] and set(cands[0]) == set(dev[1])
+    assert ir.read_trec_run(os.path.join(cfg.train.out_dir, evaluate.DEV_CANDIDATES)) == cands[1]
 
 
 def test_runner_grid_covers_every_mode_and_seed(tmp_path):
