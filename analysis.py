@@ -76,8 +76,6 @@ class AnalysisError(RuntimeError):
     """A request analysis.py cannot serve (mismatched arguments, matplotlib missing); main prints it alone."""
 
 
-
-
 # ------------------------------------------------------------------------------------------------ runs and data
 def run_info(path: str) -> dict:
     """A run or checkpoint directory -> {"path", "ckpt", "run_dir", "mode", "seed", "label", "cfg"}."""
@@ -372,8 +370,6 @@ def geometry(runs: list, texts: tuple) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
 def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None,), n_batches: int = 8,
            n_texts: int = 64, n_resamples: int = 10000, seed: int = 0, base_probe: bool = True,
            **eval_kwargs) -> str:

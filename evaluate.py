@@ -22,7 +22,7 @@ file and exit code 2. Python: evaluate_checkpoint(ckpt, data_dir, split, ...) re
 
 Reading order: costs (param_costs, peak_memory) -> data (load_split, load_candidates) -> evaluate_checkpoint in
 its steps (check_eval_args, choose_eval_set, run_stages, eval_costs, eval_provenance, write_eval) -> training's
-dev evaluation (load_dev, dev_candidates, dev_evaluate, dev_routing_texts, summary_line) -> CLI. The metrics and
+dev evaluation (load_dev, dev_candidates, dev_evaluate, dev_routing_texts) -> CLI. The metrics and
 run files are ir.py's, dense search and the retrieve -> rerank pipeline retrieval.py's, the model unimoer.py's.
 """
 from __future__ import annotations
@@ -402,10 +402,7 @@ def write_eval(out_dir: str, runs: dict, metrics: dict, per_query: dict) -> None
     _log(f"wrote {out_dir}")
 
 
-
-
 # ----------------------------------------------------------------------------------------- training's dev evaluation
-
 def load_dev(cfg: Config) -> tuple:
     """(corpus texts, queries, qrels) of the dev split (load_split), cut as data.dev_queries / data.dev_corpus say:
     the first N judged queries, and the judged dev documents + the first N others."""

@@ -47,8 +47,6 @@ from model import CausalLM, ModelConfig, load_tokenizer
 from unimoer import UniMoER, check_adapters_match, trainable_parameters
 
 
-
-
 # --------------------------------------------------------------------------------------------- config.yaml
 def save_config(cfg: Config, path: str) -> None:
     write_text_atomic(path, yaml.safe_dump(asdict(cfg), sort_keys=False))

@@ -79,11 +79,7 @@ def check_inputs(cfg: Config, where: str) -> None:
         check_lengths(cfg, load_tokenizer(tok_source), where)
 
 
-
-
 # ------------------------------------------------------------------------------------------------ run files
-
-
 def summary_line(metrics_path: str, out_dir: str, seconds: float) -> str:
     """One line at the end of a run: where it is, and the first and last dev evaluation (nDCG@10)."""
     with open(metrics_path) as f:

@@ -67,8 +67,6 @@ def autocast_for(device: torch.device, bf16_autocast: bool):
 
 
 # --------------------------------------------------------------------------------------------- the model
-
-
 def check_lengths(cfg: Config, tok, where: str) -> None:
     """The length limits against the templates, with the tokenizer that will read them: data.max_query_len must
     hold the query instruction frame `Instruct: ...\\nQuery:` (+ EOS) and at least one query token; data.max_pair_len

@@ -256,7 +256,6 @@ def test_a_single_always_on_expert_is_a_plain_lora_with_no_router():
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight) + hand_lora(x, lin, "lora", 2.0), atol=1e-6, rtol=1e-6)
 
 
-
 def gates_left(model) -> list:
     return [m.gate for m in model.modules() if isinstance(m, MoELoRALinear) and m.gate is not None]
 
