@@ -501,7 +501,8 @@ def _train_tokenizer(texts: list, vocab_size: int):
 def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int = 2000, n_dev: int = 200,
                    n_test: int = 200, n_concepts: int = 150, n_forms: int = 2, concepts_per_doc: int = 3,
                    same_form: int = 0, shared_stems: bool = True,
-                   n_neg: int = 8, random_negs: int = 0, vocab_size: int = 1536) -> dict:
+                   n_neg: int = 8, random_negs: int = 0, doc_filler: Sequence[int] = (4, 8),
+                   vocab_size: int = 1536) -> dict:
     """Write the synthetic task (design above) to out_dir; same arguments -> byte-identical files.
 
     out_dir appears only complete (build_dir_atomically): a kill leaves at most a temporary sibling, removed by
@@ -514,6 +515,8 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     pairs_per_doc = concepts_per_doc * (concepts_per_doc - 1) // 2
     if not 0 <= random_negs <= n_neg:
         raise ValueError(f"need 0 <= random_negs <= n_neg, got {random_negs}, {n_neg}")
+    if len(doc_filler) != 2 or not 1 <= doc_filler[0] <= doc_filler[1] <= len(DOC_FILLER):
+        raise ValueError(f"need doc_filler [lo, hi] with 1 <= lo <= hi <= {len(DOC_FILLER)}, got {doc_filler}")
     if n_forms < 2 or concepts_per_doc < 2:
         raise ValueError("need n_forms >= 2 (queries use another form) and concepts_per_doc >= 2")
     if n_docs * pairs_per_doc > 0.6 * n_concepts * (n_concepts - 1) / 2:
@@ -544,7 +547,7 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     for concepts, forms in docs:
         words_ = []
         for c, f in zip(concepts, forms):
-            words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(4, 8)), lexicon[c][f])
+            words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(*doc_filler)), lexicon[c][f])
         doc_texts.append(" ".join(words_))
     with_concept = [[] for _ in range(n_concepts)]  # concept -> [(doc, form)]
     for d, (concepts, forms) in enumerate(docs):
