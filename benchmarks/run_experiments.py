@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import shlex
 import subprocess
@@ -113,6 +114,24 @@ def train_commands(exp: int, seeds: list, out: str, smoke: bool) -> tuple:
     return cmds, run_dirs
 
 
+def runs_table(run_dirs: dict) -> str:
+    """Markdown: each run's last dev evaluation (metrics.jsonl), fixed-list reranking next to the list's own order."""
+    rows = ["| run | seed | step | retrieval | rerank fixed | list | fixed - list | two-stage |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, dirs in run_dirs.items():
+        for d in dirs:
+            path = os.path.join(d if os.path.isabs(d) else os.path.join(REPO, d), "metrics.jsonl")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                m = json.loads(f.read().splitlines()[-1])
+            seed = d.rsplit("_s", 1)[-1]
+            rows.append(f"| {name} | {seed} | {m['step']} | {m['emb_ndcg@10']:.3f} | {m['fixed_ndcg@10']:.3f} | "
+                        f"{m['cand_ndcg@10']:.3f} | {m['fixed_ndcg@10'] - m['cand_ndcg@10']:+.3f} | "
+                        f"{m['rerank_ndcg@10']:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--exp", type=int, nargs="+", required=True, choices=[1, 2, 3])
@@ -144,6 +163,12 @@ def main(argv=None) -> None:
     t_train = time.time() - t0
     py = sys.executable
     for exp, (_, run_dirs) in plans.items():
+        if not a.dry_run:
+            table = runs_table(run_dirs)
+            os.makedirs(os.path.join(a.out, f"exp{exp}_report"), exist_ok=True)
+            with open(os.path.join(a.out, f"exp{exp}_report", "runs.md"), "w") as f:
+                f.write(table + "\n")
+            print(f"experiment {exp}, last dev evaluation of each run:\n{table}", flush=True)
         for name, dirs in reports_for(exp, run_dirs):
             report_dir = os.path.join(a.out, f"exp{exp}_report", name) if name else os.path.join(a.out, f"exp{exp}_report")
             cmd = [py, "analysis.py", "report", *dirs, "--out", report_dir,
