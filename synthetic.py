@@ -10,6 +10,7 @@ import math
 import os
 import random
 import sys
+from typing import Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -81,7 +82,8 @@ def _train_tokenizer(texts: list, vocab_size: int):
 def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int = 2000, n_dev: int = 200,
                    n_test: int = 200, n_concepts: int = 150, n_forms: int = 2, concepts_per_doc: int = 3,
                    same_form: int = 0, shared_stems: bool = True,
-                   n_neg: int = 8, random_negs: int = 0, vocab_size: int = 1536) -> dict:
+                   n_neg: int = 8, random_negs: int = 0, doc_filler: Sequence[int] = (4, 8),
+                   vocab_size: int = 1536) -> dict:
     """Write the synthetic task (design above) to out_dir; same arguments -> byte-identical files.
 
     out_dir appears only complete (build_dir_atomically): a kill leaves at most a temporary sibling, removed by
@@ -91,10 +93,10 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     tokenizer.json + tokenizer_config.json, lexicon.json. Returns a small summary dict.
     """
     n_eval = n_dev + n_test
-    _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs)
+    _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs, doc_filler)
     rng = random.Random(seed)  # one stream, consumed in the order of the steps below
     lexicon = _lexicon(rng, n_concepts, n_forms, shared_stems)
-    docs, doc_texts = _documents(rng, lexicon, n_docs, concepts_per_doc)
+    docs, doc_texts = _documents(rng, lexicon, n_docs, concepts_per_doc, doc_filler)
     with_concept = [[] for _ in range(n_concepts)]  # concept -> [(doc, form)]
     for d, (concepts, forms) in enumerate(docs):
         for c, f in zip(concepts, forms):
@@ -119,10 +121,13 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
             "vocab_size": tok.get_vocab_size()}
 
 
-def _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs) -> None:
+def _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs,
+                     doc_filler) -> None:
     pairs_per_doc = concepts_per_doc * (concepts_per_doc - 1) // 2
     if not 0 <= random_negs <= n_neg:
         raise ValueError(f"need 0 <= random_negs <= n_neg, got {random_negs}, {n_neg}")
+    if len(doc_filler) != 2 or not 1 <= doc_filler[0] <= doc_filler[1] <= len(DOC_FILLER):
+        raise ValueError(f"need doc_filler [lo, hi] with 1 <= lo <= hi <= {len(DOC_FILLER)}, got {doc_filler}")
     if n_forms < 2 or concepts_per_doc < 2:
         raise ValueError("need n_forms >= 2 (queries use another form) and concepts_per_doc >= 2")
     if n_docs * pairs_per_doc > 0.6 * n_concepts * (n_concepts - 1) / 2:
@@ -142,8 +147,10 @@ def _lexicon(rng: random.Random, n_concepts: int, n_forms: int, shared_stems: bo
     return [words[c * n_forms:(c + 1) * n_forms] for c in range(n_concepts)]
 
 
-def _documents(rng: random.Random, lexicon: list, n_docs: int, concepts_per_doc: int) -> tuple:
-    """-> (docs [(concepts, forms)], their texts). pair_owner enforces "a pair of concepts -> one doc"."""
+def _documents(rng: random.Random, lexicon: list, n_docs: int, concepts_per_doc: int, doc_filler: Sequence[int]
+               ) -> tuple:
+    """-> (docs [(concepts, forms)], their texts: each concept's word among doc_filler = [lo, hi] filler words).
+    pair_owner enforces "a pair of concepts -> one doc"."""
     n_concepts, n_forms = len(lexicon), len(lexicon[0])
     docs, pair_owner = [], {}
     while len(docs) < n_docs:
@@ -158,7 +165,7 @@ def _documents(rng: random.Random, lexicon: list, n_docs: int, concepts_per_doc:
     for concepts, forms in docs:
         words_ = []
         for c, f in zip(concepts, forms):
-            words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(4, 8)), lexicon[c][f])
+            words_ += _with_word(rng, rng.sample(DOC_FILLER, rng.randint(*doc_filler)), lexicon[c][f])
         doc_texts.append(" ".join(words_))
     return docs, doc_texts
 

@@ -116,3 +116,18 @@ def test_runner_grid_covers_every_mode_and_seed(tmp_path):
         for seed in (1, 2):
             assert any(f"tiny_{mode}.yaml" in ln and f"--train.seed={seed}" in ln for ln in trains)
     assert out.count("analysis.py report") == 1
+
+
+def test_runner_whole_set_trains_each_specialist_once(tmp_path):
+    # Experiments 2 and 3 report against Experiment 1's emb_only / rank_only runs instead of training them again.
+    out = subprocess.run([sys.executable, "benchmarks/run_experiments.py", "--exp", "1", "2", "3", "--seeds", "1",
+                          "2", "--out", str(tmp_path), "--dry-run", "--jobs", "2"], cwd=REPO, env=SUBPROCESS_ENV,
+                         check=True, capture_output=True, text=True).stdout
+    trains = [ln for ln in out.splitlines() if " train.py " in ln]
+    assert len(trains) == (7 + 7 + 2) * 2
+    for spec in ("emb_only", "rank_only"):
+        runs = [ln for ln in trains if f"tiny_{spec}.yaml" in ln]
+        assert len(runs) == 2 and all(f"exp1{os.sep}{spec}_s" in ln for ln in runs)
+    reports = [ln for ln in out.splitlines() if "analysis.py report" in ln]
+    assert len(reports) == 1 + 7 + 2
+    assert all(f"exp1{os.sep}rank_only_s1" in ln for ln in reports)
