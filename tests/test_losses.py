@@ -1,4 +1,4 @@
-"""The training losses of train.py as a spec: each equals its formula evaluated by hand (math.exp / math.log on
+"""The training losses (losses.py) as a spec: each equals its formula evaluated by hand (math.exp / math.log on
 explicit numbers), and total_loss = alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n."""
 import math
 
