@@ -1,4 +1,4 @@
-"""ir.py and retrieval.py: metrics against pytrec_eval (the independent reference), run files, faiss search, pipeline."""
+"""ir.py and retrieval.py: metrics against pytrec_eval (the independent reference), run files, faiss, pipeline."""
 import random
 import re
 import zlib
