@@ -80,7 +80,7 @@ class AnalysisError(RuntimeError):
 def run_info(path: str) -> dict:
     """A run or checkpoint directory -> {"path", "ckpt", "run_dir", "mode", "seed", "label", "cfg"}."""
     ckpt = unimoer.checkpoint_dir(path)
-    cfg = config.load_config(os.path.join(ckpt, "config.yaml"))
+    cfg = config.load_run_config(os.path.join(ckpt, "config.yaml"))
     return {"path": path, "ckpt": ckpt, "run_dir": os.path.dirname(os.path.abspath(ckpt)), "mode": cfg.train.mode,
             "seed": cfg.train.seed, "label": f"{cfg.train.mode}_s{cfg.train.seed}", "cfg": cfg}
 

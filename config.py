@@ -404,6 +404,20 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     return config_from_dict(apply_overrides(read_yaml(path), overrides), where)
 
 
+def load_run_config(path: str) -> Config:
+    """A run's saved config.yaml -> Config. Runs saved before the mode table hold `router.kind: learned` and the
+    default `router.task_experts` in the task-routed modes (emb_only, rank_only, joint_single, hard_switch*): values
+    the code of that time never used, since the mode replaced them when it built the model. They are dropped here,
+    so such runs load, resume and evaluate as they trained; any other contradiction is the usual error."""
+    d = read_yaml(path)
+    mode, router = MODE_TABLE.get((d.get("train") or {}).get("mode")), d.get("router")
+    if mode is not None and mode.router_kinds == ("task",) and isinstance(router, dict) \
+            and router.get("kind") == "learned":
+        router.pop("kind")
+        router.pop("task_experts", None)
+    return config_from_dict(d, path)
+
+
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     """Set each `--section.key=value` (value parsed as YAML) in the config mapping d, in place; returns d."""
     for o in overrides:

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import moe_lora
-from config import Config, ConfigError, TinyBase, load_config
+from config import Config, ConfigError, TinyBase, load_run_config
 from ir import write_text_atomic
 from model import CausalLM, ModelConfig, load_tokenizer
 from unimoer import UniMoER, check_adapters_match, trainable_parameters
@@ -378,7 +378,7 @@ def check_resume_config(cfg: Config) -> dict:
     """Compare the resolved config with the run's own config.yaml -> {key: (old, new)} of allowed changes
     (RESUMABLE_KEYS); any other difference is one ConfigError listing the keys."""
     path = os.path.join(cfg.train.out_dir, "config.yaml")
-    old, new = _comparable(load_config(path)), _comparable(cfg)
+    old, new = _comparable(load_run_config(path)), _comparable(cfg)
     missing = object()
     changed = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
                if old.get(k, missing) != new.get(k, missing)}

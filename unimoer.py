@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 import moe_lora
 from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
-                    check_rule, config_from_dict, format_query, format_rerank_pair, load_config)
+                    check_rule, config_from_dict, format_query, format_rerank_pair, load_run_config)
 from data import doc_text
 from ir import EvalError
 from model import CausalLM, last_token_positions, load_pretrained, load_tokenizer
@@ -357,7 +357,7 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu") -> UniMoER:
     cfg_path = os.path.join(ckpt, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: config.yaml missing from the checkpoint")
-    cfg = load_config(cfg_path)
+    cfg = load_run_config(cfg_path)
     check_adapters_match(cfg, os.path.join(ckpt, "adapters.safetensors"), cfg_path)
     run_base = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "base")
     if not os.path.isdir(cfg.model.path) and os.path.isdir(run_base):

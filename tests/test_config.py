@@ -80,3 +80,26 @@ def test_a_saved_config_loads_back_to_the_same_config(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.router.kind in MODE_TABLE[cfg.train.mode].router_kinds
+
+
+def _pre_mode_table_run_config(tmp_path, mode):
+    """config.yaml as runs saved before the mode table wrote it: the router section's defaults (kind learned, the
+    default task_experts), which that code ignored in the task-routed modes."""
+    d = asdict(load_config(os.path.join(REPO, "configs", f"tiny_{mode}.yaml")))
+    d["router"]["kind"] = "learned"
+    d["router"]["task_experts"] = asdict(config.RouterConfig())["task_experts"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["emb_only", "rank_only", "joint_single", "hard_switch", "hard_switch_shared"])
+def test_a_run_saved_before_the_mode_table_loads_with_its_mode_routing(tmp_path, mode):
+    cfg = config.load_run_config(_pre_mode_table_run_config(tmp_path, mode))
+    assert cfg.router.kind == "task"
+    assert cfg.router.task_experts == {t: list(v) for t, v in MODE_TABLE[mode].task_experts.items()}
+
+
+def test_the_same_keys_in_a_users_yaml_stay_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"router\.kind 'learned' contradicts train\.mode 'rank_only'"):
+        load_config(_pre_mode_table_run_config(tmp_path, "rank_only"))
