@@ -80,20 +80,19 @@ def reports_for(exp: int, run_dirs: dict) -> list:
 def run(cmd: list, dry: bool, env: dict, log: str = None) -> None:
     """Run one command (its output to `log` if given, else inherited); a failure stops the grid."""
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    if not dry:
-        t0 = time.time()
-        if log is None:
-            subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        else:
-            with open(log, "w") as f:
-                r = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-            if r.returncode != 0:
-                raise SystemExit(f"failed (exit {r.returncode}): {' '.join(cmd)}; its output: {log}")
-            with open(log) as f:
-                last = [x for x in f.read().splitlines() if x.startswith("done: ")]
-            print(f"  ({time.time() - t0:.0f} s) {last[-1] if last else ''}", flush=True)
-        if log is None:
-            print(f"  ({time.time() - t0:.0f} s)", flush=True)
+    if dry:
+        return
+    t0, last = time.time(), ""
+    if log is None:
+        subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    else:
+        with open(log, "w") as f:
+            r = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise SystemExit(f"failed (exit {r.returncode}): {' '.join(cmd)}; its output: {log}")
+        with open(log) as f:
+            last = next((x for x in reversed(f.read().splitlines()) if x.startswith("done: ")), "")
+    print(f"  ({time.time() - t0:.0f} s) {last}".rstrip(), flush=True)
 
 
 def train_commands(exp: int, seeds: list, out: str, smoke: bool) -> tuple:
@@ -156,7 +155,7 @@ def main(argv=None) -> None:
             run(cmd, a.dry_run, env)
     else:
         with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-            logs = [os.path.join(d + ".log") for d, _ in todo]
+            logs = [d + ".log" for d, _ in todo]
             for d in {os.path.dirname(x) for x in logs}:
                 os.makedirs(d, exist_ok=True)
             list(pool.map(lambda dc, log: run(dc[1], False, env, log), todo, logs))
