@@ -8,7 +8,8 @@ no renaming table. The forward returns the final-norm hidden states (B, T, H); L
 where asked (chosen positions, chosen vocabulary rows), e.g. the reranker's "yes"/"no" rows at the last token.
 
 Positions come from the attention mask (cumsum - 1), so a sequence gives the same outputs whatever its padding
-side and whatever else is in its batch.
+side and whatever else is in its batch. A KVCache keeps every layer's keys and values for incremental decoding
+(generate.py): a call with a cache runs only the new tokens, its attention_mask covering the cached ones too.
 """
 from __future__ import annotations
 
@@ -196,9 +197,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@dataclass
+class KVCache:
+    """Keys and values of the tokens run so far, one (B, n_kv, S, D) tensor each per layer, after RoPE (and after
+    the adapters' q/k/v deltas: the experts' routing must stay fixed while a cache is in use). Empty until the
+    first call (the prompt) fills it; every later call appends its T new tokens."""
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Append this call's k, v (B, n_kv, T, D) to layer's past -> (B, n_kv, S + T, D) each."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat((self.keys[layer], k), dim=2)
+            self.values[layer] = torch.cat((self.values[layer], v), dim=2)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # its slot in a KVCache
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
@@ -210,7 +235,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, is_causal):
+    def forward(self, x, cos, sin, mask, is_causal, cache: Optional[KVCache] = None):
+        """x (B, T, H); with a cache, k and v are appended to its past and the queries attend to all of it
+        (mask (B, 1, T, S + T) or None)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, D)
@@ -219,6 +246,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S + T, D)
         # GQA: each kv head serves n_heads / n_kv query heads. SDPA's enable_gqa reads the shared kv heads in place,
         # with no repeated copy of k and v (faster on CPU, masked or not). CUDA kernels take enable_gqa only without
         # a mask (with one SDPA would fall back to its math kernel), so there a masked call repeats k and v instead.
@@ -243,29 +272,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
         # Set by moe_lora.attach: called at block entry, it computes this layer's routing weights from the block
         # input and hands them to the block's MoE-LoRA linears; its clear() takes them back when the block is done
-        # (also on an error), so no routing state outlives one call. None for the plain backbone.
+        # (also on an error), so no routing state outlives one call. None for the plain backbone. Its
+        # `routing_is_fixed` says whether its gate ignores the input (what a KV cache needs, see generate.py).
         self.adapter_hook: Optional[nn.Module] = None
 
     def forward(self, x, cos, sin, mask, is_causal, ctx: "ForwardContext"):
         if self.adapter_hook is None:
-            return self._layers(x, cos, sin, mask, is_causal)
+            return self._layers(x, cos, sin, mask, is_causal, ctx.cache)
         self.adapter_hook(x, ctx)
         try:
-            return self._layers(x, cos, sin, mask, is_causal)
+            return self._layers(x, cos, sin, mask, is_causal, ctx.cache)
         finally:
             self.adapter_hook.clear()
 
-    def _layers(self, x, cos, sin, mask, is_causal):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal)
+    def _layers(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,14 +305,15 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 @dataclass
 class ForwardContext:
-    """What one forward call hands to the adapter hooks; lives for that call only (no global state)."""
-    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    """What one forward call hands to the blocks and their adapter hooks; lives for that call only (no global
+    state)."""
+    attention_mask: torch.Tensor  # (B, T) 1 = real token, this call's tokens only
     task_ids: Optional[torch.Tensor] = None  # (B,) task of each sequence, for task-explicit routers
     capture: bool = False  # record routing weights for analysis
     aux: dict = field(default_factory=dict)  # name -> list of per-layer aux_stats.AuxStat
@@ -290,6 +321,7 @@ class ForwardContext:
     done: bool = False  # set when the forward returns: a checkpoint recompute in backward adds nothing more
     shared: dict = field(default_factory=dict)  # scratch for hooks, e.g. weights computed once for all layers
     adapters: bool = True  # False: the hooks switch the experts off (the plain base's output)
+    cache: Optional[KVCache] = None  # past keys and values, extended by this call
 
     def add_aux(self, name: str, value) -> None:
         if not self.done:
@@ -305,18 +337,22 @@ class ModelOutput:
     aux_stats: dict = field(default_factory=dict)  # name -> [aux_stats.AuxStat per layer], to finalise over many calls
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B, T) 1/0 padding mask -> (B, 1, T, T) bool, True = may attend.
+def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, n_queries: Optional[int] = None) -> torch.Tensor:
+    """(B, S) 1/0 padding mask -> (B, 1, T, S) bool, True = may attend; the queries are the last T = n_queries
+    positions (default S: no cache), query i sitting at position S - T + i.
 
     Keys at pad positions are hidden. Each position may always attend to itself, so a pad query row is never
     empty (an empty row would give NaN in SDPA); pad positions' outputs are meaningless and never used.
     """
-    B, T = attention_mask.shape
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    allowed = keys | eye
+    B, S = attention_mask.shape
+    T = S if n_queries is None else n_queries
+    dev = attention_mask.device
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    query_pos = torch.arange(S - T, S, device=dev)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=dev)[None, :]  # (1, S)
+    allowed = keys | (key_pos == query_pos)
     if causal:
-        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+        allowed = allowed & (key_pos <= query_pos)
     return allowed
 
 
@@ -347,33 +383,43 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, causal: bool = True,
                 output_hidden_states: bool = False, task_ids: Optional[torch.Tensor] = None,
-                capture_routing: bool = False, adapters: bool = True) -> ModelOutput:
+                capture_routing: bool = False, adapters: bool = True,
+                cache: Optional[KVCache] = None) -> ModelOutput:
         """input_ids, attention_mask (B, T) -> ModelOutput with hidden (B, T, H).
 
         causal=False gives bidirectional attention over the non-pad tokens (GritLM-style embedding ablation).
         task_ids (B,) and capture_routing are read only by attached experts' routers (moe_lora.py); adapters=False
         runs the plain base with the experts switched off.
+        With a cache (causal only) the call runs the T new tokens after its S cached ones and appends theirs;
+        attention_mask is then (B, S + T), the cached tokens' mask followed by the new ones' (HF's convention).
         """
         B, T = input_ids.shape
         cfg = self.config
-        if cfg.sliding_window is not None and T > cfg.sliding_window:
-            raise ConfigError(f"sequence length {T} exceeds the config's active sliding_window {cfg.sliding_window}; "
-                              "sliding-window attention is not implemented")
+        past = 0 if cache is None else cache.length
+        if cfg.sliding_window is not None and past + T > cfg.sliding_window:
+            raise ConfigError(f"sequence length {past + T} exceeds the config's active sliding_window "
+                              f"{cfg.sliding_window}; sliding-window attention is not implemented")
+        if cache is not None and not causal:
+            raise ValueError("a KV cache needs causal attention (causal=False sees later tokens)")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                             f"({past} cached + {T} new tokens)")
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if causal and bool(attention_mask.all()):
-            mask, is_causal = None, True  # no padding: SDPA's own causal path (flash / efficient kernels)
+        if causal and bool(attention_mask.all()) and (past == 0 or T == 1):
+            # no padding: SDPA's own causal path (flash / efficient kernels); one new token sees every key
+            mask, is_causal = None, past == 0
         else:
-            mask, is_causal = attention_mask_4d(attention_mask, causal), False
-        ctx = ForwardContext(attention_mask, task_ids, capture_routing, adapters=adapters)
+            mask, is_causal = attention_mask_4d(attention_mask, causal, T), False
+        ctx = ForwardContext(attention_mask[:, past:], task_ids, capture_routing, adapters=adapters, cache=cache)
         if adapters and self.adapter_prepass is not None:
-            self.adapter_prepass(self, input_ids, attention_mask, causal, ctx)
+            self.adapter_prepass(self, input_ids, ctx.attention_mask, causal, ctx)
         layer_hidden = [x] if output_hidden_states else None
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, is_causal, ctx, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, is_causal, ctx)

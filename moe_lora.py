@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
@@ -254,6 +255,12 @@ class MoEHook(nn.Module):
         self.register_buffer("slot_const", slot_const, persistent=False)  # (R,)
         self.register_buffer("expert_map", expert_map, persistent=False)  # (E, E_routed): for capture
         self.register_buffer("expert_const", expert_const, persistent=False)  # (E,)
+        self.fixed: Optional[torch.Tensor] = None  # (E,) expert weights set by fixed_routing: no router call
+
+    @property
+    def routing_is_fixed(self) -> bool:
+        """The gate ignores the input: fixed_routing is on, the weights are merged, or every expert is always on."""
+        return self.fixed is not None or self.linears[0].merged_gate is not None or not self.n_routed
 
     def forward(self, x: torch.Tensor, ctx) -> None:
         if not ctx.adapters:  # the plain base: a zero gate (the LoRA term adds exact zeros)
@@ -263,6 +270,13 @@ class MoEHook(nn.Module):
                 lin.gate = self.slot_const.new_zeros(1, 1, self.slot_const.shape[0])
             return
         if self.linears[0].merged_gate is not None:  # fixed weights merged into the base: nothing to route
+            return
+        if self.fixed is not None:  # fixed_routing: the same gate for every token, as merge would fold in
+            gate = self.linears[0].gate_from_weights(self.fixed).view(1, 1, -1)
+            for lin in self.linears:
+                lin.gate = gate
+            if ctx.capture and not ctx.done:
+                ctx.routing.append((self.layer_idx, self.fixed.expand(x.shape[0], -1).clone()))
             return
         if self.router is not None:
             w, aux = self.router(x, ctx)
@@ -416,8 +430,8 @@ def base_embedding(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def retriever_prepass(model, input_ids, attention_mask, causal, ctx) -> None:
     """CausalLM.adapter_prepass for router kind "retriever": the base embedding into ctx.shared, once per call."""
-    if any(lin.merged_gate is not None for lin in _linears(model)):
-        return  # merged: the routing is fixed, nothing reads the embedding
+    if all(h.routing_is_fixed for h in _hooks(model)):
+        return  # merged or fixed_routing: nothing reads the embedding
     ctx.shared[BASE_EMBEDDING] = base_embedding(model, input_ids, attention_mask, causal)
 
 
@@ -522,3 +536,29 @@ def unmerge(model) -> None:
     get_config(model)
     for lin in _linears(model):
         lin.unmerge()
+
+
+def _hooks(model) -> list:
+    return [b.adapter_hook for b in model.model.layers if isinstance(b.adapter_hook, MoEHook)]
+
+
+@contextmanager
+def fixed_routing(model, routing: Union[str, dict]):
+    """Within the `with` block every MoE linear uses one fixed gate, the weights fixed_weights(cfg, routing) gives
+    (a task name, or {expert name: weight}; an always-on shared expert keeps 1): e.g. {"rerank": 1.0} is that
+    expert alone (one-hot) plus the shared one, {} the shared one alone. The routers are not called (no aux
+    losses). The output equals merge(model, routing)'s up to fp32 rounding, without touching the base weights
+    (so also exact on a bf16 base); the experts all off is forward(..., adapters=False). A gate that does not
+    depend on the input is what a KV cache needs (generate.py). The previous state is restored on exit."""
+    w = fixed_weights(get_config(model), routing)
+    hooks = _hooks(model)
+    if any(h.linears[0].merged_gate is not None for h in hooks):
+        raise RuntimeError("fixed_routing on a merged model: unmerge first")
+    previous = [h.fixed for h in hooks]
+    for h in hooks:
+        h.fixed = w.to(h.slot_const.device)
+    try:
+        yield model
+    finally:
+        for h, p in zip(hooks, previous):
+            h.fixed = p
