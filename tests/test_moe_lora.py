@@ -456,6 +456,40 @@ def test_merge_with_explicit_weights_and_unknown_names():
         ML.merge(model, {"shared": 1.0})
 
 
+def test_fixed_routing_equals_the_task_routed_model_without_task_ids():
+    # A learned router: inside fixed_routing it is not called, every token gets the task's one-hot gate (+ the
+    # always-on shared expert), as the task router gives that task's rows.
+    ids, mask, _ = batch()
+    learned, routed = attached(MoELoRAConfig()), attached(hard())  # same base
+    with torch.no_grad():  # and the same experts (the learned routers' init draws from the RNG in between)
+        for a, b in zip(ML._linears(learned), ML._linears(routed)):
+            a.lora_A.copy_(b.lora_A), a.lora_B.copy_(b.lora_B)
+    for t, task in enumerate(["embed", "rerank"]):
+        with ML.fixed_routing(learned, task):
+            fixed = learned(ids, mask, capture_routing=True)
+        ref = routed(ids, mask, task_ids=torch.full((3,), t)).hidden
+        torch.testing.assert_close(fixed.hidden, ref, atol=1e-6, rtol=1e-6)
+        assert fixed.aux == {}  # no router ran
+        assert all(torch.equal(w, ML.fixed_weights(learned.moe_lora_config, task).expand(3, -1))
+                   for _, w in fixed.routing)
+
+
+def test_fixed_routing_is_undone_on_exit_and_refused_on_a_merged_model():
+    model = attached(MoELoRAConfig())
+    ids, mask, _ = batch()
+    before = model(ids, mask).hidden
+    with pytest.raises(KeyError):
+        with ML.fixed_routing(model, "embed"):
+            assert all(b.adapter_hook.routing_is_fixed for b in model.model.layers)
+            raise KeyError("inside")  # an error in the block restores the routing too
+    assert not any(b.adapter_hook.routing_is_fixed for b in model.model.layers)
+    assert torch.equal(model(ids, mask).hidden, before)
+    ML.merge(model, "embed")
+    with pytest.raises(RuntimeError, match="merged model: unmerge first"):
+        with ML.fixed_routing(model, "rerank"):
+            pass
+
+
 # --------------------------------------------------------------------------------------------- config
 def test_config_round_trips_through_a_plain_dict():
     cfg = full_router_cfg()
