@@ -1,7 +1,8 @@
 """IR bookkeeping, model-free: the ranking rule, per-query metrics, evaluate_run, self-hits, TREC run files (and
 the atomic text writer every output file of the project goes through).
 
-Reading order: ranking rule (rank_documents) -> per-query metrics -> evaluate_run -> self-hits -> TREC run files.
+Reading order: ranking rule (rank_documents) -> per-query metrics -> evaluate_run -> self-hits -> TREC run files
+-> QA answers (EM / F1).
 
 Metrics (trec_eval conventions, as BEIR computes them through pytrec_eval)
 ---------------------------------------------------------------------------
@@ -50,7 +51,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import string
 import tempfile
+from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -270,3 +274,43 @@ def read_trec_run(path: str) -> dict:
                 raise EvalError(f"{where}: document {doc_id!r} appears twice for query {qid!r}")
             docs[doc_id] = score
     return run
+
+
+# --------------------------------------------------------------------------------------------- QA answers
+# SQuAD v1.1's rules (Rajpurkar et al. 2016; the official evaluate-v1.1.py: normalize_answer, exact_match_score,
+# f1_score, metric_max_over_ground_truths), the metrics of NQ-open / TriviaQA open-domain QA. Scores are in [0, 1]
+# here (the script prints 100 x the mean).
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)  # ASCII only, as the script: an en dash or a curly quote stays
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation characters, replace the whole words a / an / the by a space, collapse
+    whitespace (in that order: "The-End" -> "theend", the hyphen goes first and leaves no article)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    """1.0 iff the normalised strings are equal."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    """F1 over the normalised whitespace tokens as multisets: c = |pred & gold| (Counter intersection),
+    P = c / |pred|, R = c / |gold|, F1 = 2PR / (P + R); 0 when c = 0 (so also when either side is empty, even
+    both: v1.1's rule; v2.0 gives 1 for two empty answers)."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_scores(prediction: str, answers: Sequence[str]) -> dict:
+    """{"em", "f1"} of one prediction: each the max over the gold answers (metric_max_over_ground_truths)."""
+    if isinstance(answers, str) or not answers:
+        raise EvalError(f"a QA example needs a non-empty list of gold answers, got {answers!r}")
+    return {"em": max(exact_match(prediction, a) for a in answers),
+            "f1": max(token_f1(prediction, a) for a in answers)}

@@ -1,6 +1,6 @@
 """Qwen3-family decoder (qwen3, qwen2, llama, mistral) from scratch, HF checkpoint loading, tokenizer.
 
-Reading order: ModelConfig (from config.json) -> RMSNorm -> rotary embedding -> Attention -> MLP -> Block ->
+Reading order: ModelConfig (from config.json) -> RMSNorm -> rotary embedding -> KVCache -> Attention -> MLP -> Block ->
 Decoder (HF's "model.") -> CausalLM (adds the LM head) -> load_pretrained -> Tokenizer / load_tokenizer.
 
 Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with

@@ -13,7 +13,8 @@ base `weight`/`bias`, so HF parameter names are unchanged) and sets each block's
 entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
 (not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
 linears for that block call only (Block.forward clears it when the block is done). A shared expert is either
-always on (weight 1, outside the router) or routed, per config.
+always on (weight 1, outside the router) or routed, per config. Within `with fixed_routing(model, routing)` every
+hook hands its linears one fixed gate instead (what merge would fold in; what generation with a KV cache needs).
 
 Router kinds: task (TaskRouter per layer), learned (LearnedRouter per layer, or one at the first adapted layer for
 all; LD-MoLE's lambda predictor shared by all layers unless router.lambda_shared is false) and retriever
