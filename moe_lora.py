@@ -548,9 +548,9 @@ def fixed_routing(model, routing: Union[str, dict]):
     """Within the `with` block every MoE linear uses one fixed gate, the weights fixed_weights(cfg, routing) gives
     (a task name, or {expert name: weight}; an always-on shared expert keeps 1): e.g. {"rerank": 1.0} is that
     expert alone (one-hot) plus the shared one, {} the shared one alone. The routers are not called (no aux
-    losses). The output equals merge(model, routing)'s up to fp32 rounding, without touching the base weights
-    (so also exact on a bf16 base); the experts all off is forward(..., adapters=False). A gate that does not
-    depend on the input is what a KV cache needs (generate.py). The previous state is restored on exit."""
+    losses). The output equals merge(model, routing)'s up to fp32 rounding and the base weights stay untouched
+    (merge / unmerge re-round a bf16 base); the experts all off is forward(..., adapters=False). A gate that does
+    not depend on the input is what a KV cache needs (generate.py). The previous state is restored on exit."""
     w = fixed_weights(get_config(model), routing)
     hooks = _hooks(model)
     if any(h.linears[0].merged_gate is not None for h in hooks):

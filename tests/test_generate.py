@@ -288,7 +288,7 @@ def test_different_experts_generate_different_tokens():
     assert not torch.equal(out["embed"], out["rerank"])
 
 
-@pytest.mark.parametrize("kind", ["learned", "task"])
+@pytest.mark.parametrize("kind", ["learned", "task", "retriever"])
 def test_a_router_that_needs_the_input_or_task_ids_is_refused_naming_its_kind(kind):
     ids, mask = prompts()
     model = with_experts(kind)
