@@ -239,7 +239,7 @@ class TrainSection:
     # | gradnorm (Chen et al. 2018) | famo (Liu et al. 2023)
     mtl: Literal["none", "pcgrad", "gradnorm", "famo"] = "none"
     gradnorm_alpha: float = 1.5  # GradNorm's asymmetry alpha (the paper's NYUv2 value)
-    gradnorm_lr: Optional[float] = None  # Adam lr of GradNorm's task weights w_i; null: train.lr (one optimizer, as LibMTL)
+    gradnorm_lr: Optional[float] = None  # Adam lr of GradNorm's weights w_i; null: train.lr (LibMTL: one optimizer)
     famo_lr: float = 0.025  # Adam lr of FAMO's task logits xi (official w_lr)
     famo_gamma: float = 0.01  # FAMO's decay gamma on xi (official default; Adam weight_decay)
     # where FAMO's L(theta_{t+1}) comes from: same_batch (a no-grad forward on the step's batch after the update:

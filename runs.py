@@ -162,8 +162,8 @@ def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, ke
 
     A good checkpoint (checkpoint_is_good) is also named by `last_good`. Pruning keeps the `keep` newest and the
     one `last_good` names. mtl_state: train.mtl's method state (task weights, their optimizer, L_i(0), FAMO's
-    previous losses), kept in trainer_state.pt under "mtl". A failed write (disk full, read-only) removes its temporary directory and raises one
-    RunDirError naming it; the previous checkpoint is untouched.
+    previous losses), kept in trainer_state.pt under "mtl". A failed write (disk full, read-only) removes its
+    temporary directory and raises one RunDirError naming it; the previous checkpoint is untouched.
     """
     out = cfg.train.out_dir
     name = f"checkpoint-{step:06d}"

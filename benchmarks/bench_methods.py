@@ -5,9 +5,13 @@ in-process (its data and pretrained base must exist: run `python train.py config
 and train.train_step runs the same batches (the sampler's steps 0, 1, ...). Methods are timed in interleaved rounds
 (order reversed every other round) after one warm-up step each; a figure is the minimum over rounds of the mean
 ms/step of that round's steps (other load only adds time), next to the ratio to `plain` and the median of the
-per-round ratios. Also counted per step, from hooks on the first and last adapted layer's lora_A and on the base:
-backward passes (gradient computations reaching the last adapted layer; of those, reaching the first one) and
-base forward calls (3 per plain step: queries, documents, pairs).
+per-round ratios. Also counted per step, from tensor hooks (they fire once per backward pass, .backward() or
+torch.autograd.grad, that computes that tensor's gradient) and a forward pre-hook on the base:
+  bwd to layer 0    backward passes that reach the first adapted linear's lora_A (a full backward; each task's
+                    own pass covers only its own forward, the aux terms' pass both)
+  bwd at last lin.  passes that reach the last adapted linear's lora_A (also GradNorm's short passes to W; the aux
+                    terms do not reach it: no router reads the last layer's output)
+  forwards          base forward calls (3 per plain step: queries, documents, pairs)
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_methods.py [--steps 4] [--rounds 3] [--threads 1]
 """
@@ -105,13 +109,13 @@ def main() -> None:
             for name in order:
                 rounds[name].append(time_steps(*runs[name], args.steps))
     plain = [x[0] for x in rounds["plain"]]
-    print(f"{'method':<16} {'ms/step':>9} {'x plain':>8} {'median x':>9} {'backward/step':>14} "
-          f"{'(to layer 0)':>12} {'forwards/step':>14}")
+    print(f"{'method':<16} {'ms/step':>9} {'x plain':>8} {'median x':>9} {'bwd to layer 0':>15} "
+          f"{'bwd at last lin.':>17} {'forwards':>9}   (per step)")
     for name, _ in METHODS:
         ms = [x[0] for x in rounds[name]]
         _, last, first, fwd = rounds[name][-1]
         print(f"{name:<16} {min(ms):>9.1f} {min(ms) / min(plain):>8.2f} "
-              f"{statistics.median(a / b for a, b in zip(ms, plain)):>9.2f} {last:>14.1f} {first:>12.1f} {fwd:>14.1f}")
+              f"{statistics.median(a / b for a, b in zip(ms, plain)):>9.2f} {first:>15.1f} {last:>17.1f} {fwd:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -229,9 +229,10 @@ def test_a_combination_that_cannot_work_is_one_config_error_naming_the_keys(task
 
 
 def test_a_one_task_stage_under_a_method_is_the_plain_step(task, tmp_path):
-    # Stage 2 trains reranking only: PCGrad has nothing to project there and the step is the plain one, the same
-    # update as a run without train.mtl (stage 1 differs, so compare one step from the same start instead).
-    over = {"steps": 1, "warmup_steps": 1, "eval_every": 1, "save_every": 1, "stages": [{"steps": 1, "tasks": "rerank"}]}
+    # A stage that trains reranking only: PCGrad has nothing to project there and the step is the plain one, the
+    # same update (and RNG draws) as a run without train.mtl from the same start.
+    over = {"steps": 1, "warmup_steps": 1, "eval_every": 1, "save_every": 1,
+            "stages": [{"steps": 1, "tasks": "rerank"}]}
     outs = []
     for name, extra in (("plain", {}), ("pc", {"mtl": "pcgrad"})):
         cfg_path = tiny_setup.write_config(str(tmp_path / f"{name}.yaml"), task, str(tmp_path / name),
