@@ -237,7 +237,8 @@ def step_outputs(outs: Sequence[dict], cfg: Config) -> dict:
 
 def step_loss(outs: Sequence[dict], cfg: Config, group: int, task_weights=None) -> tuple:
     """The loss of one optimizer step from its chunks' forward outputs -> total_loss's (loss, log)."""
-    return total_loss(step_outputs(outs, cfg), cfg, group, task_weights)
+    out = step_outputs(outs, cfg)
+    return total_loss(out, cfg, group) if task_weights is None else total_loss(out, cfg, group, task_weights)
 
 
 def forward_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
