@@ -235,6 +235,16 @@ class TrainSection:
     max_update_rms: Optional[float] = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16_autocast: bool = True  # on CUDA only
+    # Multi-task gradient method over the two task losses (mtl.py): none (the weighted sum) | pcgrad (Yu et al. 2020)
+    # | gradnorm (Chen et al. 2018) | famo (Liu et al. 2023)
+    mtl: Literal["none", "pcgrad", "gradnorm", "famo"] = "none"
+    gradnorm_alpha: float = 1.5  # GradNorm's asymmetry alpha (the paper's NYUv2 value)
+    gradnorm_lr: Optional[float] = None  # Adam lr of GradNorm's weights w_i; null: train.lr (LibMTL: one optimizer)
+    famo_lr: float = 0.025  # Adam lr of FAMO's task logits xi (official w_lr)
+    famo_gamma: float = 0.01  # FAMO's decay gamma on xi (official default; Adam weight_decay)
+    # where FAMO's L(theta_{t+1}) comes from: same_batch (a no-grad forward on the step's batch after the update:
+    # the official trainers) | next_step (the next step's losses on its own batch: no extra forward)
+    famo_delta: Literal["same_batch", "next_step"] = "same_batch"
 
     def validate(self, where: str, key: str = "train") -> None:
         _check_text(where, f"{key}.out_dir", self.out_dir)
@@ -253,6 +263,11 @@ class TrainSection:
             check_rule(where, f"{key}.aux_weights.{name}", name, name in AUX_LOSSES,
                    f"an aux loss among {', '.join(AUX_LOSSES)}")
             check_rule(where, f"{key}.aux_weights.{name}", w, w >= 0, ">= 0")
+        check_rule(where, f"{key}.gradnorm_alpha", self.gradnorm_alpha, self.gradnorm_alpha >= 0, ">= 0")
+        check_rule(where, f"{key}.famo_gamma", self.famo_gamma, self.famo_gamma >= 0, ">= 0")
+        check_rule(where, f"{key}.famo_lr", self.famo_lr, self.famo_lr > 0, "> 0")
+        if self.gradnorm_lr is not None:
+            check_rule(where, f"{key}.gradnorm_lr", self.gradnorm_lr, self.gradnorm_lr > 0, "> 0 or null (train.lr)")
         if self.max_update_rms is not None:
             check_rule(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
         for i, st in enumerate(self.stages):
@@ -292,6 +307,7 @@ class Config:
         weights = [getattr(t, {"embed": "emb_weight", "rerank": "rank_weight"}[x]) for x in tasks]
         check_rule(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
                f"> 0 for at least one task mode {t.mode} trains")
+        check_mtl(t, where)
         layers = self.adapters.layers
         if layers is not None and self.model.path is None:  # the tiny base's depth is known now; a model
             n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs
@@ -300,6 +316,28 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- YAML
+def check_mtl(t: TrainSection, where: str) -> None:
+    """train.mtl against the rest: the methods act on a step with both tasks, on one forward (PCGrad and GradNorm
+    take per-task gradients, which GradCache's cached representations do not keep apart), and GradNorm / FAMO learn
+    the task weights themselves."""
+    if t.mtl == "none":
+        return
+    if len(MODE_TABLE[t.mode].tasks) < 2:
+        raise ConfigError(f"{where}: train.mtl {t.mtl!r} balances two task losses; train.mode {t.mode!r} trains one")
+    if t.schedule == "alternate":
+        raise ConfigError(f"{where}: train.mtl {t.mtl!r} needs both losses in a step; train.schedule 'alternate' "
+                          "gives each step one task (use schedule: mixed)")
+    if t.mtl in ("pcgrad", "gradnorm") and t.grad_accum > 1:
+        raise ConfigError(f"{where}: train.mtl {t.mtl!r} with train.grad_accum {t.grad_accum}: per-task gradients "
+                          "are not kept apart by GradCache's chunked backward (use grad_accum: 1, or mtl: famo)")
+    if t.mtl in ("pcgrad", "gradnorm") and t.mode == "hard_switch":
+        raise ConfigError(f"{where}: train.mtl {t.mtl!r} acts on the parameters both tasks reach; train.mode "
+                          "'hard_switch' has none (each task its own expert)")
+    if t.mtl in ("gradnorm", "famo") and (t.emb_weight, t.rank_weight) != (1.0, 1.0):
+        raise ConfigError(f"{where}: train.mtl {t.mtl!r} learns the task weights; train.emb_weight/rank_weight "
+                          f"must stay 1.0 (got {t.emb_weight}, {t.rank_weight})")
+
+
 def _check_value(value, hint, where: str, key: str):
     """Check one YAML value (at `key` of the config file `where`) against its field type and return it (an int is
     accepted for a float; a float must be finite)."""

@@ -113,25 +113,48 @@ def _sum_over_ranks(stats: list) -> list:
     return out
 
 
-def total_loss(out: dict, cfg: Config, group: int) -> tuple:
-    """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log).
+TASK_WEIGHT_KEYS = {"emb": "emb_weight", "rank": "rank_weight"}  # task loss -> its train.* weight
 
-    out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step."""
-    t, parts, terms = cfg.train, {}, []
+
+def task_losses(out: dict, cfg: Config, group: int) -> dict:
+    """The step's unweighted losses -> {"emb": L_emb, "rank": L_rank (those present), aux name: L_aux_n}.
+
+    out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step.
+    L_emb carries info_nce_loss's DDP factor loss_world(...), the aux terms aux_losses' (see logged_values)."""
+    t, parts = cfg.train, {}
     if "q" in out:
         parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
-        terms.append(t.emb_weight * parts["emb"])
     if "scores" in out:
         fn = bce_loss if t.rerank_loss == "bce" else group_ce_loss
         parts["rank"] = fn(out["scores"], group)
-        terms.append(t.rank_weight * parts["rank"])
-    for name, value in out["aux"].items():
-        parts[name] = value
-        terms.append(t.aux_weights.get(name, 0.0) * value)
-    loss = sum(terms)
+    parts.update(out["aux"])
+    return parts
+
+
+def aux_terms(parts: dict, cfg: Config) -> list:
+    """[lambda_n * L_aux_n] over the aux terms of task_losses' dict (train.aux_weights; unlisted: weight 0)."""
+    return [cfg.train.aux_weights.get(k, 0.0) * v for k, v in parts.items() if k not in TASK_WEIGHT_KEYS]
+
+
+def logged_values(parts: dict, cfg: Config) -> dict:
+    """{name: float} for the log: the global means, without the DDP gradient factors of L_emb and the aux terms."""
+    t = cfg.train
     logged = {k: float(v.detach()) for k, v in parts.items()}
     if "emb" in logged:
-        logged["emb"] /= loss_world(t.cross_device_negatives)  # log the global mean, not its DDP gradient scaling
-    for name in out["aux"]:
-        logged[name] /= loss_world(t.aux_scope == "global")  # likewise
-    return loss, logged
+        logged["emb"] /= loss_world(t.cross_device_negatives)
+    for name in parts:
+        if name not in TASK_WEIGHT_KEYS:
+            logged[name] /= loss_world(t.aux_scope == "global")
+    return logged
+
+
+def total_loss(out: dict, cfg: Config, group: int, task_weights=None) -> tuple:
+    """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log).
+
+    out: as task_losses. task_weights: None (alpha, beta = train.emb_weight, rank_weight), or a function of
+    task_losses' dict -> {"emb": w, "rank": w} (train.mtl's learned weights, mtl.py; constants for autograd)."""
+    parts = task_losses(out, cfg, group)
+    weights = task_weights(parts) if task_weights is not None else \
+        {k: getattr(cfg.train, v) for k, v in TASK_WEIGHT_KEYS.items()}
+    loss = sum([weights[k] * parts[k] for k in TASK_WEIGHT_KEYS if k in parts] + aux_terms(parts, cfg))
+    return loss, logged_values(parts, cfg)

@@ -156,12 +156,14 @@ def copy_dir_atomically(src: str, dst: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, keep: int = 2) -> str:
+def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, keep: int = 2,
+                    mtl_state: Optional[dict] = None) -> str:
     """Write <out_dir>/checkpoint-<step> atomically (temporary directory, then rename), then point `latest` at it.
 
     A good checkpoint (checkpoint_is_good) is also named by `last_good`. Pruning keeps the `keep` newest and the
-    one `last_good` names. A failed write (disk full, read-only) removes its temporary directory and raises one
-    RunDirError naming it; the previous checkpoint is untouched.
+    one `last_good` names. mtl_state: train.mtl's method state (task weights, their optimizer, L_i(0), FAMO's
+    previous losses), kept in trainer_state.pt under "mtl". A failed write (disk full, read-only) removes its
+    temporary directory and raises one RunDirError naming it; the previous checkpoint is untouched.
     """
     out = cfg.train.out_dir
     name = f"checkpoint-{step:06d}"
@@ -176,8 +178,10 @@ def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, ke
                "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save({"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(), "rng": rng},
-                   os.path.join(tmp, "trainer_state.pt"))
+        state = {"step": step, "bad_steps": bad_steps, "optimizer": opt.state_dict(), "rng": rng}
+        if mtl_state is not None:
+            state["mtl"] = mtl_state
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         save_config(cfg, os.path.join(tmp, "config.yaml"))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         if tmp is not None:
@@ -230,8 +234,9 @@ def last_good_checkpoint(out_dir: str) -> str:
     return os.path.join(out_dir, name) if name else f"none (no good checkpoint was saved in {out_dir})"
 
 
-def load_trainer_state(ckpt: str, um: UniMoER, opt) -> tuple:
-    """Restore adapters, head, optimizer and RNG from a checkpoint directory -> (step, bad_steps)."""
+def load_trainer_state(ckpt: str, um: UniMoER, opt, mtl=None) -> tuple:
+    """Restore adapters, head, optimizer and RNG (and train.mtl's method state into `mtl`, an object with
+    load_state_dict) from a checkpoint directory -> (step, bad_steps)."""
     check_adapters_match(um.cfg, os.path.join(ckpt, "adapters.safetensors"), "the resumed config")
     moe_lora.load_adapters(um.base, os.path.join(ckpt, "adapters.safetensors"))
     if um.head is not None:
@@ -241,6 +246,10 @@ def load_trainer_state(ckpt: str, um: UniMoER, opt) -> tuple:
         raise FileNotFoundError(f"{path}: trainer state missing; cannot resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
+    if mtl is not None:
+        if "mtl" not in state:
+            raise FileNotFoundError(f"{path}: no train.mtl state (task weights) to resume from")
+        mtl.load_state_dict(state["mtl"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

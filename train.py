@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 import data
 import moe_lora
+import mtl
 import synthetic
 from config import Config, ConfigError, Stage, check_rule, load_config, mode_tasks
 from evaluate import dev_evaluate, dev_routing_texts, load_dev
-from losses import aux_losses, total_loss
+from losses import TASK_WEIGHT_KEYS, aux_losses, aux_terms, logged_values, task_losses, total_loss
 from model import UsageError, load_tokenizer, run_cli
 from runs import (append_jsonl, copy_dir_atomically, last_good_checkpoint, load_trainer_state, open_run_dir,
                   save_checkpoint, save_config, tiny_base_cache_dir, truncate_jsonl, write_tiny_base)
@@ -169,11 +170,7 @@ def untrained_experts(um: UniMoER, tasks: Sequence[str], frozen: Sequence[str]) 
     unknown = [n for n in frozen if n not in [e.name for e in spec.experts]]
     if unknown:
         raise ConfigError(f"freeze_experts: no expert {unknown[0]!r} (experts: {[e.name for e in spec.experts]})")
-    reached = {e.name for e in spec.experts if e.name not in spec.routed_experts}  # always on
-    if spec.router.kind == "learned":
-        reached |= set(spec.routed_experts)
-    else:
-        reached |= {name for task in tasks for name in spec.router.task_experts[task]}
+    reached = set().union(*(mtl.experts_reached(spec, task) for task in tasks))
     return [e.name for e in spec.experts if e.name in frozen or e.name not in reached]
 
 
@@ -227,33 +224,76 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, held: Sequence[tupl
 
 
 # ---- one step's loss and gradient
-def step_loss(outs: Sequence[dict], cfg: Config, group: int) -> tuple:
-    """The loss of one optimizer step from its chunks' forward outputs -> total_loss's (loss, log).
+def step_outputs(outs: Sequence[dict], cfg: Config) -> dict:
+    """One optimizer step's chunks' forward outputs -> losses.total_loss's `out`.
 
     The chunks' embeddings and scores are concatenated (query i's documents stay at rows i * g...), so InfoNCE
     sees every chunk's documents as negatives and the rerank loss is the mean over the whole step; the aux losses
     are finalised over train.aux_scope's units (aux_losses)."""
     out = {k: torch.cat([o[k] for o in outs]) for k in ("q", "d", "scores") if k in outs[0]}
     out["aux"] = aux_losses([c for o in outs for c in o["aux_calls"]], cfg.train.aux_scope)
-    return total_loss(out, cfg, group)
+    return out
+
+
+def step_loss(outs: Sequence[dict], cfg: Config, group: int, task_weights=None) -> tuple:
+    """The loss of one optimizer step from its chunks' forward outputs -> total_loss's (loss, log)."""
+    out = step_outputs(outs, cfg)
+    return total_loss(out, cfg, group) if task_weights is None else total_loss(out, cfg, group, task_weights)
 
 
 def forward_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
-                     autocast=contextlib.nullcontext) -> tuple:
+                     autocast=contextlib.nullcontext, method=None, masks: Optional[list] = None) -> tuple:
     """The step's loss over all its chunks (UniMoER.forward inputs) and its gradient, accumulated into the
     parameters' .grad -> (finite, {name: value} for the log). model is um or its DDP wrapper; autocast a
-    context-manager factory for the forwards. One chunk: forward, backward. More: gradcache_backward."""
+    context-manager factory for the forwards. One chunk: forward, backward. More: gradcache_backward.
+
+    method (train.mtl, mtl.build_method) acts on a step with both tasks: PCGrad / GradNorm take per-task gradients
+    (mtl_backward; masks: mtl.shared_masks of the step), FAMO weighs the task losses (total_loss's task_weights,
+    also under GradCache). A step with one task is the plain step."""
+    both = method is not None and {"queries", "pairs"} <= set(chunks[0])
+    if both and method.per_task_gradients:
+        return mtl_backward(model, um, chunks[0], cfg, group, autocast, method, masks)
+    weights = method.task_weights if both else None
     if len(chunks) > 1:
-        return gradcache_backward(model, um, chunks, cfg, group, autocast)
-    with autocast():
-        out = model(**chunks[0])
-    loss, logs = step_loss([out], cfg, group)
-    loss.backward()
-    return bool(torch.isfinite(loss)), logs
+        finite, logs = gradcache_backward(model, um, chunks, cfg, group, autocast, weights)
+    else:
+        with autocast():
+            out = model(**chunks[0])
+        loss, logs = step_loss([out], cfg, group, weights)
+        loss.backward()
+        finite = bool(torch.isfinite(loss))
+    return finite, {**logs, **(method.step_log if both else {})}
+
+
+def mtl_backward(model: nn.Module, um: UniMoER, chunk: dict, cfg: Config, group: int, autocast, method,
+                 masks: list) -> tuple:
+    """PCGrad / GradNorm on one forward: the task losses alpha L_emb, beta L_rank and the aux terms go to
+    method.backward, which takes their gradients and sets .grad. Under DDP the forward runs in no_sync and the
+    method averages its gradients over the ranks itself (mtl.mean_over_ranks) -> as forward_backward."""
+    with contextlib.nullcontext() if model is um else model.no_sync():
+        with autocast():
+            out = model(**chunk)
+        parts = task_losses(step_outputs([out], cfg), cfg, group)
+        tasks = {k: getattr(cfg.train, w) * parts[k] for k, w in TASK_WEIGHT_KEYS.items()}
+        method.backward(tasks, aux_terms(parts, cfg), trainable_parameters(um), masks, um)
+    finite = all(bool(torch.isfinite(v)) for v in parts.values())
+    return finite, {**logged_values(parts, cfg), **method.step_log}
+
+
+def step_task_losses(um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
+                     autocast=contextlib.nullcontext) -> dict:
+    """The step's losses (losses.task_losses) on its chunks without grad: FAMO's L(theta_{t+1}) after the update
+    (train.famo_delta same_batch), in train mode as the official trainers (dropout and jitter drawn)."""
+    with torch.no_grad():
+        outs = []
+        for chunk in chunks:
+            with autocast():
+                outs.append(um(**chunk))
+        return task_losses(step_outputs(outs, cfg), cfg, group)
 
 
 def gradcache_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cfg: Config, group: int,
-                       autocast=contextlib.nullcontext) -> tuple:
+                       autocast=contextlib.nullcontext, task_weights=None) -> tuple:
     """GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"):
     the exact gradient of the loss over all chunks together, with one chunk's activations in memory at a time.
 
@@ -264,7 +304,7 @@ def gradcache_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cf
        dropout and router jitter), then backward of sum <r_k, G_k>; by the chain rule the parameter gradients add
        up to dL/dtheta. Under DDP only the last chunk's backward all-reduces (no_sync before it).
     Cost: one more forward per chunk (without grad, ~1/3 of a forward + backward); memory: one chunk's
-    activations plus the step's r_k. The global RNG ends where pass 1 left it.
+    activations plus the step's r_k. The global RNG ends where pass 1 left it. task_weights: total_loss's.
     """
     devices = [um._device()] if um._device().type == "cuda" else []
     states, raw = [], []
@@ -274,7 +314,7 @@ def gradcache_backward(model: nn.Module, um: UniMoER, chunks: Sequence[dict], cf
             with autocast():
                 raw.append(um(**chunk))
     cached = [_as_leaves(out) for out in raw]
-    loss, logs = step_loss(cached, cfg, group)
+    loss, logs = step_loss(cached, cfg, group, task_weights)
     loss.backward()
     with torch.random.fork_rng(devices=devices):
         for k, (chunk, state, leaves) in enumerate(zip(chunks, states, cached)):
@@ -387,6 +427,7 @@ class RunState:
     world: int
     step: int = 0
     bad_steps: int = 0
+    mtl: object = None  # train.mtl's method (mtl.build_method), its state in the trainer state
 
     def path(self, name: str) -> str:
         return os.path.join(self.cfg.train.out_dir, name)
@@ -443,9 +484,10 @@ def setup_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
     dev = load_dev(cfg) if rank == 0 else None
     total_steps = sum(st.steps for st in t.stages) if t.stages else t.steps
     routing_texts = dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None
-    run = RunState(cfg, um, model, params, opt, examples, sampler, total_steps, dev, routing_texts, rank, world)
+    run = RunState(cfg, um, model, params, opt, examples, sampler, total_steps, dev, routing_texts, rank, world,
+                   mtl=mtl.build_method(cfg, device))
     if resume:
-        run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt)
+        run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt, run.mtl)
         if rank == 0:
             for name in LOGS:
                 truncate_jsonl(run.path(name), run.step)
@@ -472,8 +514,12 @@ def train_step(run: RunState, autocast) -> tuple:
     um.train()
     chunks = [batch_inputs(um, data.gather_texts(run.examples, run.sampler.batch(step * t.grad_accum + micro)), tasks)
               for micro in range(t.grad_accum)]  # the step's batch; grad_accum > 1: GradCache chunks
-    finite, logs = forward_backward(run.model, um, chunks, cfg, 1 + cfg.data.n_neg, autocast)
+    group, method = 1 + cfg.data.n_neg, (run.mtl if len(tasks) > 1 else None)  # one task: the plain step
+    masks = mtl.shared_masks(um, run.params, tasks, held) if method is not None and method.per_task_gradients else None
+    finite, logs = forward_backward(run.model, um, chunks, cfg, group, autocast, method, masks)
     ok = optimizer_step(run.opt, run.params, held, finite, t.clip, run.world, t.max_update_rms)
+    if ok and method is not None:  # the task weights move on applied steps only
+        method.after_step(lambda: step_task_losses(um, chunks, cfg, group, autocast))
     run.bad_steps = 0 if ok else run.bad_steps + 1
     if run.bad_steps >= t.max_bad_steps:
         raise NonFiniteError(f"{run.bad_steps} bad steps in a row (non-finite loss or gradient, or an update that "
@@ -495,7 +541,8 @@ def evaluate_and_log(run: RunState) -> dict:
 def save(run: RunState) -> None:
     """A checkpoint at run.step (rank 0), the other ranks waiting for it."""
     if run.rank == 0:
-        save_checkpoint(run.um, run.opt, run.cfg, run.step, run.bad_steps)
+        save_checkpoint(run.um, run.opt, run.cfg, run.step, run.bad_steps,
+                        mtl_state=run.mtl.state_dict() if run.mtl is not None else None)
     if run.world > 1:
         dist.barrier()
 

@@ -144,8 +144,20 @@ def test_two_rank_training_run_ends_with_the_adapters_of_a_one_process_run(task,
     # average is the global mean's gradient, and the router aux losses (load balance included) are taken over
     # the global batch (train.aux_scope "global", the default; load-balance weight 1 so that per-rank balancing,
     # "step", would be off by ~9e-4 here).
+    two_rank_run_matches_one_process(task, tmp_path, {})
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradnorm", "famo"])
+def test_a_two_rank_run_with_a_multi_task_method_ends_with_the_adapters_of_a_one_process_run(task, tmp_path, method):
+    # train.mtl under DDP: PCGrad's and GradNorm's per-task gradients are averaged over the ranks before the
+    # surgery / the norms (a per-rank surgery or per-rank norms would differ), and the task weights come from the
+    # global loss values (FAMO's from its extra forward too), so two ranks take one process's steps.
+    two_rank_run_matches_one_process(task, tmp_path, {"mtl": method})
+
+
+def two_rank_run_matches_one_process(task, tmp_path, extra_train: dict) -> None:
     sections = dict(train={"steps": 4, "eval_every": 4, "save_every": 2, "cross_device_negatives": True,
-                           "batch_size": 4, "aux_weights": {"load_balance": 1.0, "z_loss": 0.01}})
+                           "batch_size": 4, "aux_weights": {"load_balance": 1.0, "z_loss": 0.01}, **extra_train})
     ddp_dir, one_dir = str(tmp_path / "ddp"), str(tmp_path / "one")
     cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, ddp_dir, **sections)
     torchrun(os.path.join(tiny_setup.REPO, "train.py"), cfg_path)

@@ -114,3 +114,17 @@ def test_total_loss_of_one_task_has_only_that_task_term(with_q, with_scores):
     task = 0.5 * info_nce_by_hand() if with_q else 2.0 * bce_by_hand()
     assert loss.item() == pytest.approx(task + 0.13 + 0.02, abs=1e-6)
     assert ("emb" in logged) == with_q and ("rank" in logged) == with_scores
+
+
+def test_task_losses_are_the_unweighted_task_losses_and_aux_terms():
+    parts = losses.task_losses(outputs(), weighted_config(), GROUP)
+    assert parts.keys() == {"emb", "rank", "load_balance", "z_loss", "entropy"}
+    assert parts["emb"].item() == pytest.approx(info_nce_by_hand(), abs=1e-6)  # not times emb_weight 0.5
+    assert parts["rank"].item() == pytest.approx(bce_by_hand(), abs=1e-6)  # not times rank_weight 2.0
+
+
+def test_total_loss_with_task_weights_replaces_alpha_and_beta_but_not_the_aux_weights():
+    # train.mtl's learned weights (mtl.py) come in as a function of the parts; the aux terms keep train.aux_weights.
+    loss, logged = losses.total_loss(outputs(), weighted_config(), GROUP, lambda parts: {"emb": 0.25, "rank": 0.75})
+    assert loss.item() == pytest.approx(0.25 * info_nce_by_hand() + 0.75 * bce_by_hand() + 0.13 + 0.02, abs=1e-6)
+    assert logged["emb"] == pytest.approx(info_nce_by_hand(), abs=1e-6)
