@@ -164,12 +164,15 @@ def untrained_experts(um: UniMoER, tasks: Sequence[str], frozen: Sequence[str]) 
     """Names of the experts a step with these tasks does not train: the frozen ones, and those none of its tasks
     can reach. Reach follows from the structure, not from gradient values: a task router (task-routed modes)
     gives each task its router.task_experts, an always-on shared expert serves every task, and a learned router
-    reaches every routed expert."""
+    reaches every routed expert. With rerank_head e2rank a rerank step also reaches the embed task's experts (its
+    documents are embedded under the embed routing)."""
     spec = moe_lora.get_config(um.base)
     unknown = [n for n in frozen if n not in [e.name for e in spec.experts]]
     if unknown:
         raise ConfigError(f"freeze_experts: no expert {unknown[0]!r} (experts: {[e.name for e in spec.experts]})")
     reached = {e.name for e in spec.experts if e.name not in spec.routed_experts}  # always on
+    if um.listwise and "rerank" in tasks:  # E2Rank's rerank scores embed the documents under the embed routing
+        tasks = list(tasks) + ["embed"]
     if spec.router.kind == "learned":
         reached |= set(spec.routed_experts)
     else:
