@@ -140,15 +140,19 @@ class UniMoER(nn.Module):
         data.max_query_len (so the query, which comes last, is never cut off), in the reranker's frame:
         rerank_prompt "qwen3" = the chat turn `<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
         <think>\n\n</think>\n\n` (Qwen3's template with enable_thinking=False, as E2Rank's src/eval.py, no EOS),
-        "bare" = the prompt + EOS. Pooled at the last token."""
+        "bare" = the prompt + EOS (none with data.append_eos false, like the other embeddings). Pooled at the last
+        token."""
         d = self.cfg.data
         cut = lambda texts, n: [self.tok.decode(x) for x in  # noqa: E731
                                 self.tok.encode_ids(list(texts), n, add_special_tokens=False)]
-        prompts = [format_prf_query(cut([q], d.max_query_len)[0], cut(docs, d.max_doc_len) if docs else [],
-                                    d.prf_instruction) for q, docs in zip(queries, doc_lists)]
+        prompts = [format_prf_query(cut([q], d.max_query_len)[0], cut(docs, d.max_doc_len), d.prf_instruction)
+                   for q, docs in zip(queries, doc_lists)]
         middle = self.tok.encode_ids(prompts, 10**9, add_special_tokens=False)
-        head = self.chat_user_ids if d.rerank_prompt == "qwen3" else []
-        return self.tok.pad([head + m + self.suffix_ids for m in middle], d.padding_side)
+        if d.rerank_prompt == "qwen3":
+            head, tail = self.chat_user_ids, self.suffix_ids
+        else:  # bare: an embedding like the queries and documents, so EOS as data.append_eos says
+            head, tail = [], [self.tok.eos_id] if d.append_eos else []
+        return self.tok.pad([head + m + tail for m in middle], d.padding_side)
 
     # ---- the base, as each task runs it
     def causal(self, task: str) -> bool:

@@ -106,6 +106,14 @@ def test_prf_tokens_cut_each_document_to_max_doc_len_and_end_with_the_query(task
     assert len(first4) < len(long_doc)
 
 
+def test_bare_prf_tokens_end_without_eos_when_append_eos_is_off(task, tmp_path):
+    # An embedding like the queries and documents: data.append_eos false pools at the last text token (SmolLM2).
+    cfg, um = build(tmp_path, task, data={"rerank_prompt": "bare", "append_eos": False})
+    got = um.tokens_prf(["q"], [["d"]])["input_ids"][0].tolist()
+    assert got == um.tok.encode_ids([config.format_prf_query("q", ["d"], cfg.data.prf_instruction)], 10**9,
+                                    add_special_tokens=False)[0]
+
+
 def test_prf_tokens_in_the_qwen3_frame_are_the_chat_user_turn(task, tmp_path):
     # Qwen3's chat template, user turn + generation prompt with enable_thinking=False, as src/eval.py applies it.
     cfg, um = build(tmp_path, task, data={"rerank_prompt": "qwen3", "max_pair_len": 400})
