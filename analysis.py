@@ -125,9 +125,10 @@ def eval_texts(cfg: config.Config, data_dir: Optional[str], split: Optional[str]
 def per_query_metrics(run: dict, data_dir, split, candidates, **eval_kwargs) -> tuple:
     """evaluate.evaluate_checkpoint -> (dataset name, {"embed": {qid: nDCG@10}, "rerank": {qid: nDCG@10}}).
 
-    It also writes <ckpt>/eval/<dataset>/ (metrics.json, per_query.json, run files)."""
+    It also writes <ckpt>/eval/<dataset>/ (metrics.json, per_query.json, run files); the E2Rank baseline stages
+    are not needed here and are skipped unless eval_kwargs asks for them."""
     m = evaluate.evaluate_checkpoint(run["ckpt"], data_dir, split, candidates=candidates, progress=False,
-                                     **eval_kwargs)
+                                     **{"e2rank": False, **eval_kwargs})
     pq = m["per_query"]
     return m["dataset"], {"embed": {q: v[METRIC] for q, v in pq["retrieval"].items()},
                           "rerank": {q: v[METRIC] for q, v in pq["rerank" if candidates else "two_stage"].items()}}

@@ -45,6 +45,20 @@ def format_query(query: str, instruction: str = EMBED_INSTRUCTION) -> str:
     return f"Instruct: {instruction}\nQuery:{query}"
 
 
+# E2Rank (Liu et al. 2025, arXiv 2510.22733; Alibaba-NLP/E2Rank src/eval.py EvalModel): the listwise prompt that
+# serves as a pseudo-relevance-feedback (PRF) query, its instruction the BEIR/MS MARCO one of src/eval.py
+E2RANK_INSTRUCTION = ("Given a web search query and some relevant documents, rerank the documents that answer the "
+                      "query")
+
+
+def format_prf_query(query: str, docs: Sequence[str], instruction: str = E2RANK_INSTRUCTION) -> str:
+    """E2Rank's listwise prompt (src/eval.py EvalModel.listwise_prompt_template), the PRF query text:
+    `{instruction}:\nDocuments:\n[1] {d_1}\n[2] {d_2}...\nSearch Query: {query}`. The caller truncates the
+    documents and the query, and wraps the text in the chat frame (UniMoER.tokens_prf)."""
+    listed = "\n".join(f"[{i}] {doc}" for i, doc in enumerate(docs, start=1))
+    return f"{instruction}:\nDocuments:\n{listed}\nSearch Query: {query}"
+
+
 def format_rerank_pair(query: str, doc: str, instruction: str = RERANK_INSTRUCTION) -> str:
     """The reranker's middle part. The caller truncates its token ids and puts the ids of RERANK_PREFIX before
     and of RERANK_SUFFIX after, as Qwen3-Reranker does, so truncation never cuts the template."""
@@ -144,6 +158,9 @@ class DataSection:
     # "qwen3": Qwen3-Reranker's system/user/assistant prompt around the pair (RERANK_PREFIX ... RERANK_SUFFIX);
     # "bare": the pair alone, then EOS, scored there (the tiny default: see README, "The tiny default")
     rerank_prompt: Literal["qwen3", "bare"] = "qwen3"
+    # train.rerank_head e2rank: the instruction of the PRF query (format_prf_query); it is read in the same frame
+    # as the reranker (rerank_prompt: qwen3 = the chat turn E2Rank uses, bare = the text + EOS)
+    prf_instruction: str = E2RANK_INSTRUCTION
 
     def validate(self, where: str, key: str = "data") -> None:
         """Ranges here; max_pair_len and max_query_len against the templates need the tokenizer (check_lengths)."""
@@ -222,8 +239,13 @@ class TrainSection:
     aux_scope: Literal["global", "step", "call"] = "global"
     temperature: float = 0.05  # InfoNCE
     cross_device_negatives: bool = True
-    rerank_loss: Literal["bce", "group"] = "bce"  # pointwise BCE, or group-wise softmax CE (localized contrastive)
-    rerank_head: Literal["yesno", "linear"] = "yesno"  # logit("yes") - logit("no"), or a linear head (ablation)
+    # pointwise BCE, group-wise softmax CE (localized contrastive), or RankNet over each group (losses.ranknet_loss)
+    rerank_loss: Literal["bce", "group", "ranknet"] = "bce"
+    # logit("yes") - logit("no"), a linear head (ablation), or E2Rank: cos(embed(PRF query), embed(doc)) / e2rank_temperature
+    rerank_head: Literal["yesno", "linear", "e2rank"] = "yesno"
+    e2rank_temperature: float = 0.1  # E2Rank's RankNet logits cos / t (official ranknet_scale_factor 10.0)
+    e2rank_prf_k: int = 20  # E2Rank at evaluation: the PRF query holds the candidate list's top k (official 20)
+    dev_e2rank: bool = True  # each dev evaluation also reranks the fixed list with E2Rank (e2rank_fixed_ndcg@10)
     pooling: Literal["last", "first"] = "last"  # first-token pooling needs model.bidirectional
     freeze_experts: list[str] = field(default_factory=list)  # experts kept at their current values
     eval_every: int = 100
@@ -250,11 +272,11 @@ class TrainSection:
         _check_text(where, f"{key}.out_dir", self.out_dir)
         check_rule(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
         _check_min(where, self, key, ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk",
-                                      "max_bad_steps"), 1)
+                                      "max_bad_steps", "e2rank_prf_k"), 1)
         _check_min(where, self, key, ("warmup_steps",), 0)
         check_rule(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
                f"a multiple of train.grad_accum {self.grad_accum}")
-        for name in ("lr", "temperature", "clip"):
+        for name in ("lr", "temperature", "clip", "e2rank_temperature"):
             check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
         for name in ("weight_decay", "emb_weight", "rank_weight"):
             check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
@@ -290,6 +312,12 @@ class Config:
         if t.pooling == "first" and not self.model.bidirectional:
             raise ConfigError(f"{where}: train.pooling 'first' sees only the first token under causal attention; "
                               "set model.bidirectional: true or use 'last'")
+        if t.rerank_head == "e2rank":
+            check_rule(where, "train.rerank_loss", t.rerank_loss, t.rerank_loss == "ranknet",
+                       "'ranknet' with train.rerank_head 'e2rank' (E2Rank trains its listwise scores with RankNet)")
+            check_rule(where, "model.bidirectional", self.model.bidirectional, not self.model.bidirectional,
+                       "false with train.rerank_head 'e2rank' (the PRF query is read causally and pooled at its last "
+                       "token, as E2Rank's decoder embedding)")
         if self.router.tasks != TASKS:
             raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
         try:

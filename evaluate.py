@@ -14,9 +14,10 @@ Usage
     torchrun --nproc_per_node=2 evaluate.py CKPT --data DIR             # encoding and reranking sharded
     python evaluate.py CKPT --data DIR --index hnsw --k-rerank 20 --max-queries 100 --max-doc-len 128
     python evaluate.py CKPT --data DIR --drop-self off                 # keep a document whose id is the query's
+    python evaluate.py CKPT --data DIR --no-e2rank                     # skip the E2Rank baseline stages
 
-Writes <out>/metrics.json, per_query.json and run.{retrieval,two_stage,rerank}.trec (default out:
-<CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on
+Writes <out>/metrics.json, per_query.json and run.<stage>.trec (retrieval, two_stage, rerank, e2rank_two_stage,
+e2rank; default out: <CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on
 stdout; logs and progress bars go to stderr. A missing file or malformed input stops with one error naming the
 file and exit code 2. Python: evaluate_checkpoint(ckpt, data_dir, split, ...) returns the same dict (+ "per_query").
 
@@ -46,10 +47,11 @@ from config import Config
 from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queries, read_trec_run, resolve_drop_self,
                 write_text_atomic, write_trec_run)
 from model import ArgumentParser, UsageError, run_cli
-from retrieval import bm25_run, build_index, dense_run, encode_corpus, encode_queries, rerank, two_stage
+from retrieval import (bm25_run, build_index, dense_run, e2rank_rerank, encode_corpus, encode_queries, rerank,
+                       two_stage)
 from unimoer import UniMoER, autocast_for, load_model, model_settings, setup_distributed, sha256_file
 
-STAGES = ("retrieval", "two_stage", "rerank")  # "candidates" (the input run of --candidates) is scored, not written
+STAGES = ("retrieval", "two_stage", "rerank", "e2rank_two_stage", "e2rank")  # "candidates" (the input run of --candidates) is scored, not written
 METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
@@ -174,7 +176,7 @@ def _write_json(path: str, obj, indent: Optional[int] = 2) -> None:
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_rerank=None, candidates=None,
                         index="flat", batch_size=64, max_queries=None, max_doc_len=None, device="cpu",
                         reranker=None, out_dir=None, write=True, progress=None, overrides=(),
-                        drop_self="auto") -> Optional[dict]:
+                        drop_self="auto", e2rank=True, e2rank_prf_k=None) -> Optional[dict]:
     """Evaluate a run / checkpoint / plain model directory; returns the metrics.json dict plus "per_query".
 
     Data (choose_eval_set): the run's own dev set exactly as training evaluates it when data_dir and split are
@@ -186,6 +188,10 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
 
     overrides: `--section.key=value` config settings for a model directory without adapters (load_model).
 
+    e2rank (default on): the E2Rank baseline of the model's embedding path (retrieval.e2rank_rerank: PRF query
+    from the top e2rank_prf_k, default the run's train.e2rank_prf_k, 20 for a model directory) as stages
+    "e2rank_two_stage" (the dense run's top k_rerank) and, with candidates, "e2rank" (the candidates').
+
     Under torchrun (WORLD_SIZE > 1) every rank loads the model and data; corpus and query encoding and the
     reranking are split over the ranks in contiguous runs of the very batches one process would use, rank 0
     gathers them, searches, evaluates and writes; the figures equal one process's. Other ranks return None.
@@ -194,7 +200,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     metrics.json, per_query.json and run.<stage>.trec, each atomically.
     """
     t_start = time.time()
-    check_eval_args(index, drop_self, batch_size, k_retrieve=k_retrieve, k_rerank=k_rerank, max_queries=max_queries)
+    check_eval_args(index, drop_self, batch_size, k_retrieve=k_retrieve, k_rerank=k_rerank, max_queries=max_queries,
+                    e2rank_prf_k=e2rank_prf_k)
     ckpt = os.fspath(ckpt)
     check_device(device)
     rank, world, dev, created = setup_distributed(device)
@@ -209,7 +216,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         _log(f"{ckpt} ({info['mode']}) on {es.dataset}: {len(es.queries)} queries, {len(es.corpus)} documents, "
              f"k_retrieve {es.k_retrieve}, k_rerank {es.k_rerank}, self-hits {'dropped' if es.drop else 'kept'} "
              f"(--drop-self {drop_self}), {world} process(es), {dev}")
-        runs, times = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev)
+        prf_k = None if not e2rank else e2rank_prf_k or um.cfg.train.e2rank_prf_k
+        runs, times = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev, prf_k)
         if rank != 0:
             return None
         results = {stage: evaluate_run(es.qrels, run) for stage, run in
@@ -300,10 +308,13 @@ def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_r
                    k_rerank, drop, cands)
 
 
-def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev) -> tuple:
+def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev,
+               e2rank_prf_k: Optional[int] = None) -> tuple:
     """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
     run) -> (runs {stage: run}, times {name: seconds}), each stage timed on every rank. Encoding batches are
-    batch_size texts, reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation)."""
+    batch_size texts, reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
+    e2rank_prf_k (None: off): also the E2Rank baseline of `um`'s embedding path (retrieval.e2rank_rerank, PRF
+    from the top e2rank_prf_k) on the dense run ("e2rank_two_stage") and on the candidates ("e2rank")."""
     shard = world > 1
     autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -339,6 +350,12 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
     if es.cands is not None:
         runs["rerank"] = timed("rerank_s", lambda: rerank(rr, queries, corpus, es.cands, es.k_rerank, rerank_bs,
                                                           progress, shard))
+    if e2rank_prf_k is not None:
+        e2 = lambda run: e2rank_rerank(um, queries, corpus, run, es.k_rerank, e2rank_prf_k, batch_size,  # noqa: E731
+                                       progress=progress, shard=shard)
+        runs["e2rank_two_stage"] = timed("e2rank_two_stage_s", lambda: e2(runs["retrieval"]))
+        if es.cands is not None:
+            runs["e2rank"] = timed("e2rank_s", lambda: e2(es.cands))
     return runs, times
 
 
@@ -356,6 +373,9 @@ def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, ba
     latency["two_stage_s_per_query"] = latency["retrieval_s_per_query"] + latency["two_stage_rerank_s_per_query"]
     if es.cands is not None:
         latency.update(rerank_pairs_per_query=pairs(es.cands), rerank_s_per_query=times["rerank_s"] / n_q)
+    for stage in ("e2rank_two_stage", "e2rank"):  # E2Rank reranking time per query (PRF query + documents)
+        if f"{stage}_s" in times:
+            latency[f"{stage}_rerank_s_per_query"] = times[f"{stage}_s"] / n_q
     costs = {"params": param_costs(um), **peak_memory(dev), "latency": latency, "device": str(dev),
              "world_size": world, "batch_size": batch_size, "rerank_batch_size": max(1, batch_size // 2),
              "torch_threads": torch.get_num_threads()}
@@ -440,7 +460,10 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
       emb_*        retrieval over the dev corpus (the embedding path alone);
       fixed_*      reranking of the fixed candidates (dev_candidates) by the reranking path alone, next to
       cand_*       the candidates' own order (cand_recall@k: how often the list holds a relevant document);
-      rerank_*     two-stage: the model's own retrieval, its top train.rerank_topk reranked by the model.
+      rerank_*     two-stage: the model's own retrieval, its top train.rerank_topk reranked by the model;
+      e2rank_fixed_ndcg@10  (train.dev_e2rank) the E2Rank baseline from the embedding path on the same fixed
+                   candidates (retrieval.e2rank_rerank, PRF from their top train.e2rank_prf_k).
+    With train.rerank_head e2rank the reranking path is E2Rank itself, so fixed_* and rerank_* are its figures.
     Self-hits are dropped as evaluate.py's default --drop-self auto decides (ir.resolve_drop_self)."""
     corpus, queries, qrels = dev
     k = cfg.train.rerank_topk
@@ -450,9 +473,14 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
     cands = dev_candidates(um, dev, cfg)
     cand = evaluate_run(qrels, cands, k_recall=(k,))
     fixed = evaluate_run(qrels, rerank(um, queries, corpus, cands, k=k, progress=False))
-    return {"emb_ndcg@10": emb["ndcg@10"], "emb_recall@100": emb["recall@100"],
-            "fixed_ndcg@10": fixed["ndcg@10"], "cand_ndcg@10": cand["ndcg@10"], f"cand_recall@{k}": cand[f"recall@{k}"],
-            "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
+    out = {"emb_ndcg@10": emb["ndcg@10"], "emb_recall@100": emb["recall@100"],
+           "fixed_ndcg@10": fixed["ndcg@10"], "cand_ndcg@10": cand["ndcg@10"], f"cand_recall@{k}": cand[f"recall@{k}"],
+           "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
+    if cfg.train.dev_e2rank:  # an e2rank head's fixed_* is E2Rank already (retrieval.rerank's listwise branch)
+        e2 = fixed if um.listwise else evaluate_run(qrels, e2rank_rerank(um, queries, corpus, cands, k=k,
+                                                                         k_prf=cfg.train.e2rank_prf_k, progress=False))
+        out["e2rank_fixed_ndcg@10"] = e2["ndcg@10"]
+    return out
 
 
 def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
@@ -469,7 +497,8 @@ def summary(result: dict) -> dict:
     """The one line printed on stdout: where, what, and each stage's metrics."""
     return {"checkpoint": result["checkpoint"], "dataset": result["dataset"], "split": result["split"],
             "num_queries": result["num_queries"],
-            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank") if s in result}}
+            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank", "e2rank_two_stage", "e2rank")
+               if s in result}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -495,6 +524,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--drop-self", choices=DROP_SELF, default="auto", help="drop a retrieved document whose id "
                    "equals the query id (BEIR); auto: only where the queries are corpus documents (ArguAna, "
                    "Quora), see resolve_drop_self")
+    p.add_argument("--no-e2rank", action="store_true", help="skip the E2Rank baseline stages (e2rank_two_stage, "
+                   "e2rank): listwise reranking by the embedding path, a PRF query per query")
+    p.add_argument("--e2rank-prf-k", type=int, help="E2Rank: candidates in the PRF query (default the run's "
+                   "train.e2rank_prf_k, 20)")
     p.add_argument("--out", help="output directory (default <ckpt>/eval/<dataset>[-<split>])")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     args, rest = p.parse_known_args(argv)
@@ -507,7 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  batch_size=args.batch_size, max_queries=args.max_queries,
                                  max_doc_len=args.max_doc_len, device=args.device, reranker=args.reranker,
                                  out_dir=args.out, write=not args.no_write, overrides=overrides,
-                                 drop_self=args.drop_self)
+                                 drop_self=args.drop_self, e2rank=not args.no_e2rank,
+                                 e2rank_prf_k=args.e2rank_prf_k)
     if result is not None:
         print(json.dumps(summary(result)), flush=True)
     return 0

@@ -1,5 +1,5 @@
 """The training losses, each one visible function: InfoNCE over in-batch and hard negatives (cross-device under
-DDP), the reranker's pointwise BCE or group-wise softmax CE, the routers' aux losses over train.aux_scope's units,
+DDP), the reranker's pointwise BCE, group-wise softmax CE or RankNet (E2Rank: ranknet_loss), the routers' aux losses over train.aux_scope's units,
 and the weighted total alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n (train.aux_weights: the one place
 the aux losses are weighted).
 """
@@ -57,6 +57,26 @@ def group_ce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
     """Group-wise softmax cross-entropy (localized contrastive): the positive against its own negatives."""
     s = scores.view(-1, group)
     return F.cross_entropy(s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device))
+
+
+def ranknet_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RankNet (Burges et al. 2005) over lists, as E2Rank trains its listwise scores (Liu et al. 2025, arXiv
+    2510.22733; Alibaba-NLP/E2Rank src/modeling.py rank_net, called unweighted):
+        L = mean over all pairs (i, j) of one list with labels_i > labels_j of log(1 + exp(-(s_i - s_j)))
+    scores (b, n) logits (E2Rank: cos / train.e2rank_temperature), labels (b, n) graded relevance. Pairs of equal
+    label do not count; the mean is over the pairs of the whole batch (BCE-with-logits against 1 on s_i - s_j)."""
+    better = labels[:, :, None] > labels[:, None, :]  # (b, n, n): i above j
+    diff = scores[:, :, None] - scores[:, None, :]  # (b, n, n): s_i - s_j
+    return F.softplus(-diff[better]).mean()
+
+
+def ranknet_group_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """ranknet_loss on training groups: (b * group,) with each group's first entry the positive (label 1) and
+    the rest its negatives (label 0), so the pairs are (positive, each negative)."""
+    s = scores.view(-1, group)
+    labels = torch.zeros_like(s)
+    labels[:, 0] = 1.0
+    return ranknet_loss(s, labels)
 
 
 def aux_losses(calls: Sequence[dict], scope: str) -> dict:
@@ -125,7 +145,7 @@ def task_losses(out: dict, cfg: Config, group: int) -> dict:
     if "q" in out:
         parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
     if "scores" in out:
-        fn = bce_loss if t.rerank_loss == "bce" else group_ce_loss
+        fn = {"bce": bce_loss, "group": group_ce_loss, "ranknet": ranknet_group_loss}[t.rerank_loss]
         parts["rank"] = fn(out["scores"], group)
     parts.update(out["aux"])
     return parts

@@ -7,6 +7,9 @@ Encoder interface (duck-typed; the model class implements it, nothing here depen
     encode_queries(texts: list[str], batch_size: int) -> np.ndarray   # (n, d) float32, rows L2-normalised
     encode_documents(texts: list[str], batch_size: int) -> np.ndarray # (n, d) float32, rows L2-normalised
     score_pairs(queries: list[str], docs: list[str], batch_size: int) -> np.ndarray  # (n,) relevance scores
+Optional: listwise (bool) + score_list(query, docs) -> (len(docs),) scores: a reranker that needs the whole
+list (rerank calls it per query); encode_prf(queries, doc_lists, batch_size) -> (n, d): E2Rank's PRF queries
+(e2rank_rerank; without it the prompt text goes through encode_documents).
 The encoder applies its own query instruction / document template; the pipeline passes raw texts (a BEIR
 document's title and body are joined by the data loader before they get here). Retrieval scores are inner
 products, i.e. cosine similarities for normalised rows.
@@ -24,6 +27,7 @@ import numpy as np
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from config import format_prf_query
 from ir import EvalError, Run, rank_documents
 
 
@@ -241,17 +245,9 @@ def rerank(encoder, queries: Mapping[str, str], corpus_texts: Mapping[str, str],
     Pairs from all queries are scored together in batches of similar length. shard=True: the batches are split
     over the torch.distributed ranks (every rank must pass the same run); rank 0 returns the run, others None.
     """
-    if k < 1:
-        raise EvalError(f"k must be >= 1, got {k}")
-    heads, tails = {}, {}
-    for qid, docs in run.items():
-        if qid not in queries:
-            raise EvalError(f"run query {qid!r} has no query text")
-        ranking = rank_documents(docs)
-        heads[qid], tails[qid] = ranking[:k], ranking[k:]
-        for d in heads[qid]:
-            if d not in corpus_texts:
-                raise EvalError(f"run document {d!r} (query {qid!r}) is not in the corpus")
+    heads, tails = _heads_tails(queries, corpus_texts, run, k)
+    if getattr(encoder, "listwise", False):  # a listwise reranker scores each query's list at once
+        return _below_reranked(heads, tails, _score_lists(encoder, queries, corpus_texts, heads, progress, shard))
     pairs = [(qid, d) for qid in heads for d in heads[qid]]
 
     def score_batch(idx):
@@ -273,12 +269,96 @@ def rerank(encoder, queries: Mapping[str, str], corpus_texts: Mapping[str, str],
     scores = np.empty(len(pairs), dtype=np.float64)
     for idx, out in batches:
         scores[idx] = out
+    starts = np.cumsum([0] + [len(heads[q]) for q in heads])
+    return _below_reranked(heads, tails, {q: scores[a:b] for q, a, b in zip(heads, starts[:-1], starts[1:])})
 
-    new_run, pos = {}, 0
+
+def _heads_tails(queries, corpus_texts, run: Run, k: int) -> tuple:
+    """({qid: its top k in ranking-rule order}, {qid: the rest}); every query and head document must have a text."""
+    if k < 1:
+        raise EvalError(f"k must be >= 1, got {k}")
+    heads, tails = {}, {}
+    for qid, docs in run.items():
+        if qid not in queries:
+            raise EvalError(f"run query {qid!r} has no query text")
+        ranking = rank_documents(docs)
+        heads[qid], tails[qid] = ranking[:k], ranking[k:]
+        for d in heads[qid]:
+            if d not in corpus_texts:
+                raise EvalError(f"run document {d!r} (query {qid!r}) is not in the corpus")
+    return heads, tails
+
+
+def e2rank_rerank(encoder, queries: Mapping[str, str], corpus_texts: Mapping[str, str], run: Run, k: int = 100,
+                  k_prf: int = 20, batch_size: int = 64, prf_batch_size: int = 8, progress: Optional[bool] = None,
+                  shard: bool = False) -> Optional[dict]:
+    """E2Rank (Liu et al. 2025, arXiv 2510.22733; Alibaba-NLP/E2Rank src/eval.py EvalModel) from any embedding
+    encoder: rerank each query's top k candidates (ranking-rule order) by s(q^, d) = <e_q^, e_d>, the cosine for
+    normalised rows, where q^ is the pseudo-relevance-feedback query built from the query and the first k_prf of
+    those same candidates and e_d the document's own embedding (encoder.encode_documents).
+
+    e_q^ = encoder.encode_prf(queries, doc_lists, batch_size) where the encoder has it (UniMoER: its template,
+    truncation and routing, tokens_prf), else encoder.encode_documents of config.format_prf_query(query, docs):
+    the raw prompt with no query instruction, as E2Rank embeds it. Candidates below k are placed under the
+    reranked ones as in rerank. shard=True: encoding split over the torch.distributed ranks; rank 0 returns the
+    run, other ranks None.
+    """
+    if k_prf < 1:
+        raise EvalError(f"k_prf must be >= 1, got {k_prf}")
+    heads, tails = _heads_tails(queries, corpus_texts, run, k)
+    qids = [q for q in heads if heads[q]]
+    items = [(queries[q], [corpus_texts[d] for d in heads[q][:k_prf]]) for q in qids]
+    encode_prf = getattr(encoder, "encode_prf", None) or (lambda qs, ds, bs: encoder.encode_documents(  # noqa: E731
+        [format_prf_query(q, d) for q, d in zip(qs, ds)], bs))
+    sizes = [len(q) + sum(map(len, ds)) for q, ds in items]
+    order = sorted(range(len(items)), key=lambda i: sizes[i], reverse=True)
+    prf = _map_batches(lambda idx: np.asarray(encode_prf([items[i][0] for i in idx], [items[i][1] for i in idx],
+                                                          prf_batch_size), dtype=np.float32),
+                       order, sizes, prf_batch_size, "e2rank prf queries", "query", progress, shard)
+    doc_ids = sorted({d for q in qids for d in heads[q]})
+    doc_emb = encode_length_sorted(encoder.encode_documents, [corpus_texts[d] for d in doc_ids], batch_size,
+                                   "e2rank documents", progress, shard) if doc_ids else np.zeros((0, 1))
+    if prf is None or doc_emb is None:
+        return None
+    row = {d: i for i, d in enumerate(doc_ids)}
+    scores = {q: np.zeros(0) for q in heads}
+    for idx, emb in prf:
+        for i, e in zip(idx, emb):
+            q = qids[i]
+            scores[q] = doc_emb[[row[d] for d in heads[q]]].astype(np.float64) @ e.astype(np.float64)
+    for q in qids:
+        if not np.isfinite(scores[q]).all():
+            raise EvalError(f"e2rank: non-finite score for query {q!r}")
+    return _below_reranked(heads, tails, scores)
+
+
+def _score_lists(encoder, queries, corpus_texts, heads: dict, progress, shard) -> Optional[dict]:
+    """{qid: scores of heads[qid]} from a listwise encoder's score_list(query, docs), one query per batch
+    (sharded over the ranks with shard=True; other ranks get None)."""
+    qids = list(heads)
+
+    def score_query(idx):
+        q = qids[idx[0]]
+        out = np.asarray(encoder.score_list(queries[q], [corpus_texts[d] for d in heads[q]]),
+                         dtype=np.float64).reshape(-1)
+        if out.shape[0] != len(heads[q]) or not np.isfinite(out).all():
+            raise EvalError(f"rerank: score_list returned {out.shape[0]} scores (finite: "
+                            f"{bool(np.isfinite(out).all())}) for the {len(heads[q])} documents of query {q!r}")
+        return out
+
+    sizes = [sum(len(corpus_texts[d]) for d in heads[q]) for q in qids]
+    batches = _map_batches(score_query, range(len(qids)), sizes, 1, "rerank", "query", progress, shard)
+    return None if batches is None else {qids[idx[0]]: out for idx, out in batches}
+
+
+def _below_reranked(heads: dict, tails: dict, scores: Optional[dict]) -> Optional[dict]:
+    """The reranked run: heads[qid] with scores[qid], then tails[qid] below them in first-stage order (the j-th
+    gets min(reranked scores) - 1 - j)."""
+    if scores is None:
+        return None
+    new_run = {}
     for qid in heads:
-        head = heads[qid]
-        docs = {d: float(s) for d, s in zip(head, scores[pos:pos + len(head)])}
-        pos += len(head)
+        docs = {d: float(s) for d, s in zip(heads[qid], scores[qid])}
         if tails[qid]:
             floor = min(docs.values()) if docs else 0.0
             below = floor - (1.0 + np.arange(len(tails[qid]), dtype=np.float64))

@@ -165,11 +165,14 @@ def untrained_experts(um: UniMoER, tasks: Sequence[str], frozen: Sequence[str]) 
     """Names of the experts a step with these tasks does not train: the frozen ones, and those none of its tasks
     can reach. Reach follows from the structure, not from gradient values: a task router (task-routed modes)
     gives each task its router.task_experts, an always-on shared expert serves every task, and a learned router
-    reaches every routed expert."""
+    reaches every routed expert. With rerank_head e2rank a rerank step also reaches the embed task's experts (its
+    documents are embedded under the embed routing)."""
     spec = moe_lora.get_config(um.base)
     unknown = [n for n in frozen if n not in [e.name for e in spec.experts]]
     if unknown:
         raise ConfigError(f"freeze_experts: no expert {unknown[0]!r} (experts: {[e.name for e in spec.experts]})")
+    if um.cfg.train.rerank_head == "e2rank" and "rerank" in tasks:  # E2Rank embeds the documents under embed routing
+        tasks = list(tasks) + ["embed"]
     reached = set().union(*(mtl.experts_reached(spec, task) for task in tasks))
     return [e.name for e in spec.experts if e.name in frozen or e.name not in reached]
 

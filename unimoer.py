@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import zlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -31,7 +32,8 @@ from safetensors.torch import load_file
 
 import moe_lora
 from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
-                    check_rule, config_from_dict, format_query, format_rerank_pair, load_run_config)
+                    check_rule, config_from_dict, format_prf_query, format_query, format_rerank_pair,
+                    load_run_config)
 from data import doc_text
 from ir import EvalError
 from model import CausalLM, last_token_positions, load_pretrained, load_tokenizer
@@ -104,6 +106,7 @@ class UniMoER(nn.Module):
             nn.init.zeros_(self.head.bias)
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(RERANK_PREFIX), ids(RERANK_SUFFIX)
+        self.chat_user_ids = ids("<|im_start|>user\n")  # the user turn's opening: E2Rank's PRF query frame
         if cfg.data.rerank_prompt == "bare":
             self.prefix_ids, self.suffix_ids = [], [tok.eos_id]
         check_lengths(cfg, tok, f"tokenizer {tok.source}")
@@ -130,6 +133,26 @@ class UniMoER(nn.Module):
         middle = self.tok.encode_ids([format_rerank_pair(q, doc, d.rerank_instruction)
                                       for q, doc in zip(queries, docs)], room, add_special_tokens=False)
         return self.tok.pad([self.prefix_ids + m + self.suffix_ids for m in middle], d.padding_side)
+
+    def tokens_prf(self, queries: Sequence[str], doc_lists: Sequence[Sequence[str]]) -> dict:
+        """E2Rank's PRF queries (train.rerank_head e2rank): config.format_prf_query(query, docs,
+        data.prf_instruction), each document cut to its first data.max_doc_len tokens and the query to
+        data.max_query_len (so the query, which comes last, is never cut off), in the reranker's frame:
+        rerank_prompt "qwen3" = the chat turn `<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
+        <think>\n\n</think>\n\n` (Qwen3's template with enable_thinking=False, as E2Rank's src/eval.py, no EOS),
+        "bare" = the prompt + EOS (none with data.append_eos false, like the other embeddings). Pooled at the last
+        token."""
+        d = self.cfg.data
+        cut = lambda texts, n: [self.tok.decode(x) for x in  # noqa: E731
+                                self.tok.encode_ids(list(texts), n, add_special_tokens=False)]
+        prompts = [format_prf_query(cut([q], d.max_query_len)[0], cut(docs, d.max_doc_len), d.prf_instruction)
+                   for q, docs in zip(queries, doc_lists)]
+        middle = self.tok.encode_ids(prompts, 10**9, add_special_tokens=False)
+        if d.rerank_prompt == "qwen3":
+            head, tail = self.chat_user_ids, self.suffix_ids
+        else:  # bare: an embedding like the queries and documents, so EOS as data.append_eos says
+            head, tail = [], [self.tok.eos_id] if d.append_eos else []
+        return self.tok.pad([head + m + tail for m in middle], d.padding_side)
 
     # ---- the base, as each task runs it
     def causal(self, task: str) -> bool:
@@ -169,20 +192,44 @@ class UniMoER(nn.Module):
         h = out.hidden[torch.arange(mask.shape[0], device=mask.device), last].float()  # (B, H)
         return self.head(h).squeeze(-1), out.aux_stats
 
-    def forward(self, queries=None, docs=None, pairs=None) -> dict:
+    def embed_prf(self, batch: dict) -> tuple:
+        """E2Rank's PRF queries (tokens_prf) -> (B, H) fp32 L2-normalised embeddings, aux stats. Run under the
+        rerank task's routing (task id, experts), read causally and pooled at the last token like an embedding:
+        in a single-LoRA mode (joint_single) this is exactly E2Rank's one model; hard_switch / joint_moe give the
+        PRF query the reranking experts and the documents the embedding ones."""
+        out, mask = self.run_base("rerank", batch)
+        pos = self.pool_positions("rerank", mask)
+        pooled = out.hidden[torch.arange(mask.shape[0], device=mask.device), pos]  # (B, H)
+        return F.normalize(pooled.float(), dim=-1), out.aux_stats
+
+    def e2rank_scores(self, prf: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """E2Rank's score s(q^, d_ij) = cos(e_q^_i, e_d_ij) / train.e2rank_temperature: prf (b, H), d (b * g, H)
+        (both normalised; query i's documents are rows i*g ... i*g + g - 1) -> (b * g,), each group's own."""
+        g = d.shape[0] // prf.shape[0]
+        cos = (d.view(prf.shape[0], g, -1) * prf[:, None, :]).sum(-1)  # (b, g)
+        return (cos / self.cfg.train.e2rank_temperature).reshape(-1)
+
+    def forward(self, queries=None, docs=None, pairs=None, prf=None) -> dict:
         """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
         batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
         the routers' aux statistics [{name: [aux_stats.AuxStat per layer]}] of each base call (queries, documents,
-        pairs), which losses.aux_losses finalises over the units train.aux_scope names."""
+        pairs or PRF queries), which losses.aux_losses finalises over the units train.aux_scope names.
+        prf (rerank_head e2rank): the scores are e2rank_scores of the PRF queries against the chunk's own
+        documents `docs` (embedded under the embed routing, also in a rerank-only step, which has no queries)."""
         out, calls = {}, []
         if queries is not None:
             out["q"], a = self.embed(queries)
             calls.append(a)
+        if docs is not None:
             out["d"], a = self.embed(docs)
             calls.append(a)
         if pairs is not None:
             out["scores"], a = self.rerank_scores(pairs)
             calls.append(a)
+        if prf is not None:
+            e, a = self.embed_prf(prf)
+            calls.append(a)
+            out["scores"] = self.e2rank_scores(e, out["d"])
         out["aux_calls"] = calls
         return out
 
@@ -196,8 +243,32 @@ class UniMoER(nn.Module):
     def encode_documents(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         return self._batched(lambda b: self.embed(self.tokens_documents(b))[0], texts, batch_size)
 
+    @property
+    def listwise(self) -> bool:
+        """The reranker scores a query's whole list at once (rerank_head e2rank): retrieval.rerank calls
+        score_list per query instead of score_pairs."""
+        return self.cfg.train.rerank_head == "e2rank"
+
+    @torch.no_grad()
+    def encode_prf(self, queries: Sequence[str], doc_lists: Sequence[Sequence[str]], batch_size: int = 16
+                   ) -> np.ndarray:
+        """E2Rank's PRF query embeddings (tokens_prf, embed_prf): (n, H) float32, rows L2-normalised."""
+        items = list(zip(queries, doc_lists))
+        return self._batched(lambda b: self.embed_prf(self.tokens_prf(*zip(*b)))[0], items, batch_size)
+
+    @torch.no_grad()
+    def score_list(self, query: str, docs: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """rerank_head e2rank: (n,) cos(e_q^, e_d) of each document against the PRF query built from the query
+        and the list's first train.e2rank_prf_k documents (the E2Rank score; its temperature does not change the
+        order)."""
+        prf = self.encode_prf([query], [list(docs[:self.cfg.train.e2rank_prf_k])])  # (1, H)
+        return self.encode_documents(list(docs), batch_size) @ prf[0]
+
     @torch.no_grad()
     def score_pairs(self, queries: Sequence[str], docs: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        if self.listwise:
+            raise EvalError("train.rerank_head 'e2rank' scores a query's whole candidate list (its PRF query is "
+                            "built from the list): use score_list(query, docs), as retrieval.rerank does")
         pairs = list(zip(queries, docs))
         return self._batched(lambda b: self.rerank_scores(self.tokens_pairs(*zip(*b)))[0], pairs, batch_size)
 
@@ -287,15 +358,32 @@ def pilot_inputs(um: UniMoER, examples: Sequence[dict]) -> dict:
     return out  # every routed expert is listed by some task (MoELoRAConfig.validate)
 
 
+def prf_order(seed: int, group: Sequence[str]) -> list:
+    """The order of a training group's documents (query, positive, negatives) in its E2Rank PRF query: a
+    permutation drawn with np.random.default_rng([seed, crc32 of the group's texts]), so the positive's place
+    (first in the group) does not tell the model which document is relevant, and the order is a pure function
+    of train.seed and the texts (the same after a resume, under DDP and in GradCache's re-forward)."""
+    key = zlib.crc32("\x00".join(group).encode("utf-8"))
+    return np.random.default_rng([seed, key]).permutation(len(group) - 1).tolist()
+
+
 def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
     """A sampler batch's texts -> UniMoER.forward's token batches: queries + docs (embed), pairs (rerank).
-    Documents are grouped per query, positive first, then its data.n_neg hard negatives; pairs follow them."""
+    Documents are grouped per query, positive first, then its data.n_neg hard negatives; pairs follow them.
+    rerank_head e2rank: the rerank task gives docs (also without embed) and each query's PRF query over its
+    group in prf_order, instead of pairs."""
     n_neg = um.cfg.data.n_neg
     docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * n_neg:(i + 1) * n_neg]]
     inputs = {}
     if "embed" in tasks:
         inputs["queries"], inputs["docs"] = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
-    if "rerank" in tasks:
+    if "rerank" in tasks and um.listwise:
+        groups = [docs[i * (1 + n_neg):(i + 1) * (1 + n_neg)] for i in range(len(texts["query"]))]
+        orders = [prf_order(um.cfg.train.seed, [q] + g) for q, g in zip(texts["query"], groups)]
+        if "docs" not in inputs:  # a rerank-only step still embeds its documents
+            inputs["docs"] = um.tokens_documents(docs)
+        inputs["prf"] = um.tokens_prf(texts["query"], [[g[j] for j in o] for g, o in zip(groups, orders)])
+    elif "rerank" in tasks:
         inputs["pairs"] = um.tokens_pairs([q for q in texts["query"] for _ in range(1 + n_neg)], docs)
     return inputs
 

@@ -80,18 +80,20 @@ def load_json(path):
 # --------------------------------------------------------------------------------------------- evaluation
 def test_two_stage_evaluation_of_a_tiny_checkpoint_writes_metrics_runs_and_per_query(evaluated, run, task):
     result, out = evaluated
-    assert sorted(os.listdir(out)) == ["metrics.json", "per_query.json", "run.retrieval.trec", "run.two_stage.trec"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "per_query.json", "run.e2rank_two_stage.trec",
+                                       "run.retrieval.trec", "run.two_stage.trec"]  # + the E2Rank baseline (default)
     metrics = load_json(os.path.join(out, "metrics.json"))
     assert {k: v for k, v in result.items() if k != "per_query"} == metrics
     assert result["per_query"] == load_json(os.path.join(out, "per_query.json"))
     assert metrics["checkpoint"] == os.path.abspath(run) and metrics["dataset"] == "synthetic"
     assert metrics["split"] == "test" and metrics["num_queries"] == len(judged_test_qrels(task)) == 16
-    assert metrics["runs"] == {"retrieval": "run.retrieval.trec", "two_stage": "run.two_stage.trec"}
+    assert metrics["runs"] == {"retrieval": "run.retrieval.trec", "two_stage": "run.two_stage.trec",
+                               "e2rank_two_stage": "run.e2rank_two_stage.trec"}
     prov = metrics["provenance"]
     assert prov["k_rerank"] == K_RERANK and prov["k_retrieve"] == 100 and prov["index"] == "flat"
     assert prov["mode"] == "joint_moe" and len(prov["adapters_sha256"]) == 64
     assert prov["query_format"] == "Instruct: Find it\nQuery:{query}" and prov["max_lengths"]["doc"] == 32
-    for stage in ("retrieval", "two_stage"):
+    for stage in ("retrieval", "two_stage", "e2rank_two_stage"):
         assert set(metrics[stage]) == set(STAGE_METRICS)
         per_query = result["per_query"][stage].values()
         for name in STAGE_METRICS:  # each mean is the mean of the per-query values
@@ -332,10 +334,14 @@ def test_sharded_evaluation_under_torchrun_equals_one_process(run, task, tmp_pat
 
     ranks = [load_json(f"{sharded}.rank{r}.json") for r in (0, 1)]
     assert [r["returned"] for r in ranks] == [True, False]  # only rank 0 evaluates and writes
-    # the work was split: each rank encoded part of the 300 documents and scored part of the 16 x 5 pairs
-    assert sum(r["counts"]["documents"] for r in ranks) == 300 and min(r["counts"]["documents"] for r in ranks) > 0
+    # the work was split: each rank encoded part of the 300 documents (+ the E2Rank baseline's: the distinct
+    # documents of the dense run's top 5) and scored part of the 16 x 5 pairs
+    dense = ir.read_trec_run(str(tmp_path / "one" / "run.retrieval.trec"))
+    e2rank_docs = len({d for docs in dense.values() for d in ir.rank_documents(docs)[:K_RERANK]})
+    assert sum(r["counts"]["documents"] for r in ranks) == 300 + e2rank_docs
+    assert min(r["counts"]["documents"] for r in ranks) > 0
     assert sum(r["counts"]["pairs"] for r in ranks) == 16 * K_RERANK and min(r["counts"]["pairs"] for r in ranks) > 0
-    for name in ("run.retrieval.trec", "run.two_stage.trec", "per_query.json"):  # bit for bit
+    for name in ("run.retrieval.trec", "run.two_stage.trec", "run.e2rank_two_stage.trec", "per_query.json"):  # bitwise
         with open(os.path.join(sharded, name), "rb") as a, open(str(tmp_path / "one" / name), "rb") as b:
             assert a.read() == b.read(), name
     metrics = load_json(os.path.join(sharded, "metrics.json"))
