@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moe_lora
+import quant
 from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
                     check_rule, config_from_dict, format_query, format_rerank_pair, load_run_config)
 from data import doc_text
@@ -300,9 +301,27 @@ def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
     return inputs
 
 
+def load_base(cfg: Config, device: torch.device) -> CausalLM:
+    """The frozen base of model.path in model.dtype, quantised as model.quant says: a full-precision directory is
+    quantised here (round to nearest, deterministic: the same codes at every load); a quantised directory
+    (quant.save_quantized) is loaded as stored and must match model.quant / model.quant_group."""
+    m = cfg.model
+    stored = quant.stored_quantization(m.path)
+    if stored is not None:
+        group = stored["group_size"] if stored["scheme"] == "int4" else m.quant_group
+        if (m.quant, m.quant_group) != (stored["scheme"], group):
+            detail = f", model.quant_group: {group}" if stored["scheme"] == "int4" else ""
+            raise ConfigError(f"model.path {m.path} holds a {stored['scheme']}-quantised base; set model.quant: "
+                              f"{stored['scheme']}{detail} (got model.quant {m.quant!r}, model.quant_group "
+                              f"{m.quant_group})")
+        return quant.load_quantized(m.path, dtype=DTYPES[m.dtype], device=device)
+    base = load_pretrained(m.path, dtype=DTYPES[m.dtype], device=device)
+    return base if m.quant == "none" else quant.quantize_model(base, m.quant, m.quant_group)
+
+
 def build_model(cfg: Config, device: torch.device) -> UniMoER:
-    """Frozen base from model.path (+ tokenizer) with the mode's experts and routers attached."""
-    base = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
+    """Frozen base from model.path (+ tokenizer; quantised per model.quant) with the mode's experts and routers."""
+    base = load_base(cfg, device)
     base.gradient_checkpointing = cfg.model.grad_checkpointing
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     torch.manual_seed(cfg.train.seed)  # expert init (A Kaiming) and router init
@@ -429,7 +448,7 @@ def load_model(path: str, device="cpu", max_doc_len: Optional[int] = None, overr
         else:
             cfg = config_from_dict(apply_overrides({}, overrides), "evaluate.py overrides")
             cfg.model.path = path
-            um = UniMoER(load_pretrained(path, dtype=DTYPES[cfg.model.dtype], device=device), load_tokenizer(path), cfg)
+            um = UniMoER(load_base(cfg, device), load_tokenizer(path), cfg)
             um = um.to(device).eval()
             info = {"kind": "base", "checkpoint_dir": None, "adapters_sha256": None, "mode": "base (no adapters)"}
     except KeyError as e:  # the tokenizer lacks a token the heads need ("yes", "no", the end token)
