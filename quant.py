@@ -25,7 +25,8 @@ Scales are fp32 (out, in / G), zero points uint8 (out, in / G), one byte each (n
 
 Which linears: the decoder blocks' q/k/v/o/gate/up/down projections (QUANT_TARGETS). Embeddings, norms and the LM
 head stay in model.dtype (the tied Qwen3 LM head is the embedding matrix). QuantLinear.forward dequantises the
-whole weight to the activation dtype and calls F.linear (CPU and CUDA alike; no integer kernels). LoRA experts
+whole weight to the activation dtype (in fp32 blocks of rows, so the scratch is one weight in that dtype) and calls
+F.linear (CPU and CUDA alike; no integer kernels). LoRA experts
 (moe_lora.MoELoRALinear) stay fp32 on top, computing their base output through the QuantLinear's forward.
 
 A quantised base directory (save_quantized / load_quantized, `python quant.py SRC OUT --quant int4`) is an HF-style
@@ -54,6 +55,7 @@ QUANT_CONFIG_KEY = "quantization_config"  # in config.json
 QUANT_METHOD = "unimoer-rtn"
 INT8_MAX = 127
 INT4_MAX = 15
+DEQUANT_CHUNK = 1 << 22  # elements of each fp32 temporary while dequantising (16 MB)
 
 
 # --------------------------------------------------------------------------------------------- INT8
@@ -67,8 +69,19 @@ def quantize_int8(w: torch.Tensor) -> tuple:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(out, in) = s_i q_ij, computed in fp32, then cast to dtype."""
-    return (q.float() * scale[:, None]).to(dtype)
+    """(out, in) = s_i q_ij, computed in fp32 a block of rows at a time, written into the dtype result."""
+    out_f, n = q.shape
+    w = torch.empty(out_f, n, dtype=dtype, device=q.device)
+    for r in range(0, out_f, _chunk_rows(n)):
+        sl = slice(r, r + _chunk_rows(n))
+        w[sl] = q[sl].float().mul_(scale[sl, None])
+    return w
+
+
+def _chunk_rows(in_features: int) -> int:
+    """Rows per dequantisation block: its fp32 temporaries hold at most DEQUANT_CHUNK elements, so the scratch
+    memory of a forward is one dequantised weight in the activation dtype (+ 16 MB)."""
+    return max(1, DEQUANT_CHUNK // in_features)
 
 
 # --------------------------------------------------------------------------------------------- INT4
@@ -114,11 +127,15 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple:
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(out, in) = s (q - z) per group, computed in fp32, then cast to dtype."""
-    group = in_features // scale.shape[1]
-    q = unpack_int4(packed, in_features).float()  # (out, in)
-    z = zero.float().repeat_interleave(group, dim=1)
-    return ((q - z) * scale.repeat_interleave(group, dim=1)).to(dtype)
+    """(out, in) = s (q - z) per group, computed in fp32 a block of rows at a time, written into the dtype result."""
+    out_f, n_groups = scale.shape
+    group = in_features // n_groups
+    w = torch.empty(out_f, in_features, dtype=dtype, device=packed.device)
+    for r in range(0, out_f, _chunk_rows(in_features)):
+        sl = slice(r, r + _chunk_rows(in_features))
+        q = unpack_int4(packed[sl], in_features).float().view(-1, n_groups, group)  # (rows, G, group)
+        w[sl] = q.sub_(zero[sl, :, None]).mul_(scale[sl, :, None]).view(-1, in_features)
+    return w
 
 
 # --------------------------------------------------------------------------------------------- the module

@@ -306,3 +306,15 @@ def test_a_group_not_dividing_a_model_directory_names_model_quant_group_and_the_
     with pytest.raises(ConfigError, match=r"model\.quant_group: 32 must divide .*model\.layers\.0\.mlp\.down_proj "
                                           r"has in_features 48"):
         unimoer.load_base(cfg, torch.device("cpu"))
+
+
+def test_dequantising_in_blocks_of_rows_equals_the_formula_in_one_go(monkeypatch):
+    """The forward dequantises DEQUANT_CHUNK elements at a time; with blocks of 2 rows (and a last short block) it
+    must give s (q - z) exactly as computed for the whole matrix at once."""
+    w = torch.randn(7, 32, generator=torch.Generator().manual_seed(3))
+    packed, scale, zero = quant.quantize_int4(w, 8)
+    q8, s8 = quant.quantize_int8(w)
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK", 64)
+    whole4 = (quant.unpack_int4(packed, 32).float() - zero.float().repeat_interleave(8, 1)) * scale.repeat_interleave(8, 1)
+    assert torch.equal(quant.dequantize_int4(packed, scale, zero, 32), whole4)
+    assert torch.equal(quant.dequantize_int8(q8, s8), q8.float() * s8[:, None])
