@@ -14,7 +14,7 @@ fields (CONFIGS below; no weights are read) and each tensor's bytes are counted,
   act       the peak live activations of one block of an inference forward (no autograd), the larger phase:
               attention  B*T*(2H + 2*n_h*d_head + 2*n_kv*d_head)*b + B*n_h*T^2*b   (residual, normed input, q, k, v,
                          output; the T x T scores of SDPA's math kernel, an upper bound: flash kernels keep none)
-              MLP        B*T*(2H + 3I)*b                                             (residual, input, gate, up, product)
+              MLP        B*T*(2H + 3I)*b          (residual, input, gate, up, product)
             + for int8/int4, the dequantisation scratch: the largest quantised weight in the activation dtype
             (out*in*b; quant.py dequantises in fp32 blocks of 16 MB into it)
   total     base + experts + kv + act.

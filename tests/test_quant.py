@@ -174,7 +174,8 @@ def test_quantised_tiny_model_stays_close_to_fp32(scheme, group, bound):
     """Relative error of the final hidden states ||h~ - h|| / ||h||. Round-to-nearest adds uniform noise of RMS
     s / sqrt(12) per weight: s = max|w| / 127 ~ 3.5 std / 127 for int8 (~0.8% of the weight RMS), s = range / 15 ~
     3 std / 15 for int4 with groups of 8 (~6%); two blocks of 7 noisy linears grow that a few times. The bounds are
-    a few times those figures (0.04, 0.3; measured 0.008 and 0.09): loose, but a broken scheme (wrong scale, swapped nibbles) is off by O(1)."""
+    a few times those figures (0.04, 0.3; measured 0.008 and 0.09): loose, but a broken scheme (wrong scale,
+    swapped nibbles: 1.2) is off by O(1)."""
     model = tiny_model(std=0.05)
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     h = model(ids).hidden
@@ -315,6 +316,7 @@ def test_dequantising_in_blocks_of_rows_equals_the_formula_in_one_go(monkeypatch
     packed, scale, zero = quant.quantize_int4(w, 8)
     q8, s8 = quant.quantize_int8(w)
     monkeypatch.setattr(quant, "DEQUANT_CHUNK", 64)
-    whole4 = (quant.unpack_int4(packed, 32).float() - zero.float().repeat_interleave(8, 1)) * scale.repeat_interleave(8, 1)
+    codes = quant.unpack_int4(packed, 32).float()
+    whole4 = (codes - zero.float().repeat_interleave(8, 1)) * scale.repeat_interleave(8, 1)
     assert torch.equal(quant.dequantize_int4(packed, scale, zero, 32), whole4)
     assert torch.equal(quant.dequantize_int8(q8, s8), q8.float() * s8[:, None])
