@@ -11,9 +11,9 @@ fp32 or bf16 base; the output keeps the base dtype.
 attach(model, cfg) wraps the chosen projections of the chosen layers (MoELoRALinear subclasses nn.Linear and keeps the
 base `weight`/`bias`, so HF parameter names are unchanged; over a quantised base, model.quant, it holds the
 quant.QuantLinear as `base_linear` instead, and merge is refused) and sets each block's `adapter_hook` to a MoEHook:
-at block entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
-(not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
-linears for that block call only (Block.forward clears it when the block is done). A shared expert is either
+at block entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's
+context once (not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the
+block's linears for that block call only (Block.forward clears it when the block is done). A shared expert is either
 always on (weight 1, outside the router) or routed, per config.
 
 Router kinds: task (TaskRouter per layer), learned (LearnedRouter per layer, or one at the first adapted layer for
