@@ -292,6 +292,24 @@ def stored_quantization(path: str) -> Optional[dict]:
     return entry
 
 
+def check_setting(path: str, scheme: str, group_size: int, where: str = "config") -> Optional[dict]:
+    """model.quant / model.quant_group against the model directory `path`, before anything is loaded: a quantised
+    directory must be named by its own scheme (and group); for int4 on a float one, the group must divide every
+    quantised linear's input size. One ConfigError naming the keys. Returns the stored quantization_config or None."""
+    stored = stored_quantization(path)
+    if stored is not None:
+        group = stored["group_size"] if stored["scheme"] == "int4" else group_size
+        if (scheme, group_size) != (stored["scheme"], group):
+            detail = f", model.quant_group: {group}" if stored["scheme"] == "int4" else ""
+            raise ConfigError(f"{where}: model.path {path} holds a {stored['scheme']}-quantised base; set model.quant: "
+                              f"{stored['scheme']}{detail} (got model.quant {scheme!r}, model.quant_group {group_size})")
+    elif scheme == "int4":
+        with torch.device("meta"):
+            model = CausalLM(ModelConfig.from_json(os.path.join(path, "config.json")))
+        check_group(model, scheme, group_size, where=f"{where}: model.quant_group")
+    return stored
+
+
 def load_quantized(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> CausalLM:
     """A directory written by save_quantized -> CausalLM with QuantLinear projections, keys, shapes and dtypes checked
     strictly. Integer codes, scales and zero points keep their stored dtypes; the float tensors are cast to dtype."""

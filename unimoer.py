@@ -306,14 +306,7 @@ def load_base(cfg: Config, device: torch.device) -> CausalLM:
     quantised here (round to nearest, deterministic: the same codes at every load); a quantised directory
     (quant.save_quantized) is loaded as stored and must match model.quant / model.quant_group."""
     m = cfg.model
-    stored = quant.stored_quantization(m.path)
-    if stored is not None:
-        group = stored["group_size"] if stored["scheme"] == "int4" else m.quant_group
-        if (m.quant, m.quant_group) != (stored["scheme"], group):
-            detail = f", model.quant_group: {group}" if stored["scheme"] == "int4" else ""
-            raise ConfigError(f"model.path {m.path} holds a {stored['scheme']}-quantised base; set model.quant: "
-                              f"{stored['scheme']}{detail} (got model.quant {m.quant!r}, model.quant_group "
-                              f"{m.quant_group})")
+    if quant.check_setting(m.path, m.quant, m.quant_group, where="the run config") is not None:
         return quant.load_quantized(m.path, dtype=DTYPES[m.dtype], device=device)
     base = load_pretrained(m.path, dtype=DTYPES[m.dtype], device=device)
     return base if m.quant == "none" else quant.quantize_model(base, m.quant, m.quant_group)

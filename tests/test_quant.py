@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import config
 import moe_lora
 import quant
+import train
 import unimoer
 from model import CausalLM, CheckpointError, ConfigError, ModelConfig
 from moe_lora import ExpertSpec, MoELoRAConfig
@@ -320,3 +321,12 @@ def test_dequantising_in_blocks_of_rows_equals_the_formula_in_one_go(monkeypatch
     whole4 = (codes - zero.float().repeat_interleave(8, 1)) * scale.repeat_interleave(8, 1)
     assert torch.equal(quant.dequantize_int4(packed, scale, zero, 32), whole4)
     assert torch.equal(quant.dequantize_int8(q8, s8), q8.float() * s8[:, None])
+
+
+def test_train_checks_model_quant_against_the_model_directory_before_writing(tmp_path):
+    """A group that does not divide the directory's linears stops train.check_inputs, before out_dir exists."""
+    src = write_hf_dir(str(tmp_path / "src"), tiny_model(), TINY)
+    cfg = config.config_from_dict({"model": {"path": src, "quant": "int4", "quant_group": 32},
+                                   "data": {"dir": str(tmp_path / "nodata"), "synthetic": True}}, "run.yaml")
+    with pytest.raises(ConfigError, match=r"run\.yaml: model\.quant_group: 32 must divide .*down_proj"):
+        train.check_inputs(cfg, "run.yaml")
