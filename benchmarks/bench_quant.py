@@ -3,7 +3,8 @@
 Model: Qwen3 layout, hidden 512, intermediate 1536, 4 layers, 8 heads (4 kv, head_dim 64), vocab 4096, random
 weights; the experts of configs/joint_moe.yaml (embed r16, rerank r16, shared r32, learned softmax router) attached
 to every variant, as the unified model serves. Variants: fp32 base | int8 | int4 (group 128), activations fp32 in all
-three (so only the base weight format differs). Batch 8 x 128 tokens, no padding, eval mode, no autograd.
+three (so only the base weight format differs). Batch 8 x 128 tokens and 1 x 16 (the dequantisation is per call,
+the matmul per token: the short call shows its cost), no padding, eval mode, no autograd.
 The variants are timed in interleaved rounds (order alternating); each figure is the minimum over the rounds (other
 load only adds time); the ratios are quantised / fp32. The int8/int4 forwards dequantise every projection's weight at
 every call (no integer kernels), so they are expected to be slower than fp32: this measures that cost.
@@ -31,7 +32,8 @@ from model import CausalLM, ModelConfig  # noqa: E402
 HF_CONFIG = {"model_type": "qwen3", "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1536,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
              "tie_word_embeddings": True, "hidden_act": "silu"}
-BATCH, SEQ, GROUP = 8, 128, 128
+SHAPES = ((8, 128), (1, 16))  # (batch, tokens): an encoding batch, and a short call where dequantising dominates
+GROUP = 128
 
 
 def variants() -> dict:
@@ -68,21 +70,22 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     models = variants()
-    ids = torch.randint(0, HF_CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    for m in models.values():  # warm-up
-        time_forward(m, ids, 1)
-    best = {k: float("inf") for k in models}
-    names = list(models)
-    for r in range(a.rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            best[k] = min(best[k], time_forward(models[k], ids, a.reps))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"CPU forward, batch {BATCH} x {SEQ}, hidden {HF_CONFIG['hidden_size']}, {HF_CONFIG['num_hidden_layers']} "
-          f"layers, joint_moe experts attached; torch threads {torch.get_num_threads()}, os.cpu_count() "
-          f"{os.cpu_count()}, load average {load:.2f}; min over {a.rounds} rounds of {a.reps} forwards")
-    for k in names:
-        print(f"  {k:5s} {best[k] * 1e3:8.1f} ms   ratio to fp32 {best[k] / best['fp32']:.2f}")
-
+    print(f"CPU forward, hidden {HF_CONFIG['hidden_size']}, {HF_CONFIG['num_hidden_layers']} layers, joint_moe "
+          f"experts attached; torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}, load average "
+          f"{load:.2f} at start; min over {a.rounds} rounds of {a.reps} forwards")
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, HF_CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+        for m in models.values():  # warm-up
+            time_forward(m, ids, 1)
+        best = {k: float("inf") for k in models}
+        names = list(models)
+        for r in range(a.rounds):
+            for k in (names if r % 2 == 0 else names[::-1]):
+                best[k] = min(best[k], time_forward(models[k], ids, a.reps))
+        print(f" batch {batch} x {seq} tokens")
+        for k in names:
+            print(f"  {k:5s} {best[k] * 1e3:8.1f} ms   ratio to fp32 {best[k] / best['fp32']:.2f}")
 
 if __name__ == "__main__":
     main()
