@@ -224,14 +224,14 @@ def check_group(model: CausalLM, scheme: str, group_size: int, where: str = "mod
 
 
 @torch.no_grad()
-def quantize_model(model: CausalLM, scheme: str, group_size: int = 128) -> CausalLM:
+def quantize_model(model: CausalLM, scheme: str, group_size: int = 128, where: str = "model.quant_group") -> CausalLM:
     """Replace the decoder's projections (QUANT_TARGETS) by QuantLinear, in place, one linear at a time (each
     weight read in fp32, its float copy then freed). Call before moe_lora.attach."""
     if scheme not in SCHEMES:
         raise ConfigError(f"model.quant: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if getattr(model, "moe_lora_config", None) is not None:
         raise ValueError("quantize_model: the model already carries MoE-LoRA experts; quantise the plain base first")
-    check_group(model, scheme, group_size)
+    check_group(model, scheme, group_size, where)
     for _, parent, t in _target_linears(model):
         lin = getattr(parent, t)
         if not isinstance(lin, nn.Linear):
@@ -301,8 +301,9 @@ def check_setting(path: str, scheme: str, group_size: int, where: str = "config"
         group = stored["group_size"] if stored["scheme"] == "int4" else group_size
         if (scheme, group_size) != (stored["scheme"], group):
             detail = f", model.quant_group: {group}" if stored["scheme"] == "int4" else ""
-            raise ConfigError(f"{where}: model.path {path} holds a {stored['scheme']}-quantised base; set model.quant: "
-                              f"{stored['scheme']}{detail} (got model.quant {scheme!r}, model.quant_group {group_size})")
+            raise ConfigError(f"{where}: model.path {path} holds an {stored['scheme']}-quantised base; set "
+                              f"model.quant: {stored['scheme']}{detail} (got model.quant {scheme!r}, model.quant_group "
+                              f"{group_size})")
     elif scheme == "int4":
         with torch.device("meta"):
             model = CausalLM(ModelConfig.from_json(os.path.join(path, "config.json")))
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--quant", choices=SCHEMES, required=True)
     p.add_argument("--group", type=int, default=128, help="int4 group size along the input dimension")
     a = p.parse_args(argv)
-    model = quantize_model(load_pretrained(a.src, dtype=torch.float32), a.quant, a.group)
+    model = quantize_model(load_pretrained(a.src, dtype=torch.float32), a.quant, a.group, where="--group")
     save_quantized(model, a.src, a.out)
     print(f"wrote {a.out} ({a.quant}{f', group {a.group}' if a.quant == 'int4' else ''})")
     return 0

@@ -306,7 +306,7 @@ def load_base(cfg: Config, device: torch.device) -> CausalLM:
     quantised here (round to nearest, deterministic: the same codes at every load); a quantised directory
     (quant.save_quantized) is loaded as stored and must match model.quant / model.quant_group."""
     m = cfg.model
-    if quant.check_setting(m.path, m.quant, m.quant_group, where="the run config") is not None:
+    if quant.check_setting(m.path, m.quant, m.quant_group, where="the config") is not None:
         return quant.load_quantized(m.path, dtype=DTYPES[m.dtype], device=device)
     base = load_pretrained(m.path, dtype=DTYPES[m.dtype], device=device)
     return base if m.quant == "none" else quant.quantize_model(base, m.quant, m.quant_group)

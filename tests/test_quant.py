@@ -277,7 +277,7 @@ def test_a_quantised_directory_must_match_model_quant(tmp_path):
     quant.save_quantized(quant.quantize_model(copy.deepcopy(model), "int4", 8), src, str(tmp_path / "q"))
     for over in ({"quant": "int8"}, {"quant": "int4", "quant_group": 16}):
         cfg = config.config_from_dict({"model": {"path": str(tmp_path / "q"), **over}}, "test.yaml")
-        with pytest.raises(ConfigError, match="int4-quantised base; set model.quant: int4, model.quant_group: 8"):
+        with pytest.raises(ConfigError, match="an int4-quantised base; set model.quant: int4, model.quant_group: 8"):
             unimoer.load_base(cfg, torch.device("cpu"))
     cfg = config.config_from_dict({"model": {"path": str(tmp_path / "q"), "quant": "int4", "quant_group": 8}}, "t")
     assert isinstance(unimoer.load_base(cfg, torch.device("cpu")).model.layers[0].mlp.up_proj, quant.QuantLinear)
