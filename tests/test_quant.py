@@ -157,17 +157,21 @@ def test_quant_linear_equals_a_plain_linear_on_the_dequantised_weight(scheme, gr
     assert torch.allclose(ql(x), plain(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 8)])
-def test_quantised_model_equals_the_plain_model_with_dequantised_weights(scheme, group):
-    model = tiny_model()
+def test_quantised_model_equals_the_plain_model_with_dequantised_weights(scheme, group, dtype):
+    """model.dtype bfloat16: the weight is dequantised to bf16, the activation dtype, and the plain bf16 model on
+    those weights runs the very same operations (equal bit for bit); fp32 within 1e-5."""
+    model = tiny_model().to(dtype)
     qmodel = quant.quantize_model(copy.deepcopy(model), scheme, group)
     plain = copy.deepcopy(model)
     with torch.no_grad():
         for (_, parent, t), (_, qparent, _) in zip(quant._target_linears(plain), quant._target_linears(qmodel)):
-            getattr(parent, t).weight.copy_(getattr(qparent, t).dequantize())
+            getattr(parent, t).weight.copy_(getattr(qparent, t).dequantize(dtype))
     ids, mask = torch.randint(0, 64, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # a left-padded row
-    assert torch.allclose(qmodel(ids, mask).hidden, plain(ids, mask).hidden, atol=1e-5, rtol=0)
+    h, ref = qmodel(ids, mask).hidden, plain(ids, mask).hidden
+    assert h.dtype == dtype and torch.allclose(h.float(), ref.float(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scheme,group,bound", [("int8", 128, 0.04), ("int4", 8, 0.3)])
