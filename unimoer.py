@@ -461,7 +461,9 @@ def model_settings(um) -> dict:
             + RERANK_SUFFIX, "eos_token": um.tok.eos_token, "append_eos": d.append_eos,
             "max_lengths": {"query": d.max_query_len, "doc": d.max_doc_len, "pair": d.max_pair_len},
             "padding_side": d.padding_side, "pooling": um.cfg.train.pooling, "rerank_head": um.cfg.train.rerank_head,
-            "bidirectional": um.cfg.model.bidirectional, "dtype": um.cfg.model.dtype}
+            "bidirectional": um.cfg.model.bidirectional, "dtype": um.cfg.model.dtype,
+            "quant": um.cfg.model.quant,
+            "quant_group": um.cfg.model.quant_group if um.cfg.model.quant == "int4" else None}
 
 
 class MTEBEncoder:
