@@ -205,6 +205,9 @@ def gradient_groups(um: unimoer.UniMoER, base_probe: bool) -> tuple:
                 sl = mod.expert_slice(e)
                 add(where, e, [(name + ".A", (sl, slice(None))), (name + ".B", (slice(None), sl))])
             if base_probe:
+                if mod.base_linear is not None:
+                    raise ValueError(f"gradient probe of the base: {name} is {mod.base_linear.scheme}-quantised "
+                                     "(model.quant), with no float weight to take a gradient of; use --no-base-probe")
                 params[name + ".W"] = mod.weight
                 add(where, "base", [(name + ".W", None)])
         elif isinstance(mod, moe_lora.MoEHook) and mod.router is not None:

@@ -128,11 +128,23 @@ class ModelSection:
     tiny: TinyBase = field(default_factory=TinyBase)
     bidirectional: bool = False  # non-causal attention (GritLM-style ablation)
     grad_checkpointing: bool = False
+    # Weight-only quantisation of the decoder's q/k/v/o/gate/up/down projections (quant.py), dequantised on the fly:
+    # int8 per output channel (LLM.int8() absmax), int4 group-wise (GPTQ's asymmetric min/max, round to nearest)
+    quant: Literal["none", "int8", "int4"] = "none"
+    quant_group: int = 128  # int4: input columns per scale/zero point; must divide every quantised in_features
 
     def validate(self, where: str, key: str = "model") -> None:
         _check_text(where, f"{key}.path", self.path, optional=True)
         _check_text(where, f"{key}.tokenizer", self.tokenizer, optional=True)
+        check_rule(where, f"{key}.quant_group", self.quant_group, self.quant_group >= 1, ">= 1")
         self.tiny.validate(where, f"{key}.tiny")
+        if self.path is None and self.quant == "int4":  # the tiny base's input sizes are known now; a model
+            t = self.tiny                               # directory's are checked when it is quantised
+            sizes = {"hidden_size": t.hidden_size, "num_attention_heads * head_dim": t.num_attention_heads * t.head_dim,
+                     "intermediate_size": t.intermediate_size}
+            for name, n in sizes.items():
+                check_rule(where, f"{key}.quant_group", self.quant_group, n % self.quant_group == 0,
+                           f"a divisor of every quantised linear's input size (model.tiny {name} = {n})")
 
 
 @dataclass

@@ -9,10 +9,11 @@ w_i * s_i repeated r_i times. w is per sequence (B, E) or per token (B, T, E). A
 fp32 or bf16 base; the output keeps the base dtype.
 
 attach(model, cfg) wraps the chosen projections of the chosen layers (MoELoRALinear subclasses nn.Linear and keeps the
-base `weight`/`bias`, so HF parameter names are unchanged) and sets each block's `adapter_hook` to a MoEHook: at block
-entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's context once
-(not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the block's
-linears for that block call only (Block.forward clears it when the block is done). A shared expert is either
+base `weight`/`bias`, so HF parameter names are unchanged; over a quantised base, model.quant, it holds the
+quant.QuantLinear as `base_linear` instead, and merge is refused) and sets each block's `adapter_hook` to a MoEHook:
+at block entry it runs the router (router.py) on the block input, adds the router's aux losses to the forward's
+context once (not again on gradient-checkpoint recompute), captures the weights when asked, and hands the gate to the
+block's linears for that block call only (Block.forward clears it when the block is done). A shared expert is either
 always on (weight 1, outside the router) or routed, per config. Within `with fixed_routing(model, routing)` every
 hook hands its linears one fixed gate instead (what merge would fold in; what generation with a KV cache needs).
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quant import QuantLinear
 from router import BASE_EMBEDDING, LearnedRouter, RetrieverRouter, RouterConfig, TaskRouter, pool
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,6 +45,10 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
 METADATA_KEY = "unimoer.moe_lora"  # safetensors string metadata: the MoELoRAConfig as JSON
 SHARED_WEIGHTS = "moe_lora.weights"  # ctx.shared key of the once-per-sequence router's weights
+# merge on a quantised base: folding B A into integer codes would re-quantise W + delta (lossy), so it is refused
+QUANT_MERGE_ERROR = ("merge: the base is {scheme}-quantised (model.quant); merging a LoRA delta into integer weights "
+                     "would re-quantise W + BA and lose the delta's precision. Merge into the full-precision base "
+                     "(model.quant: none), then quantise the merged model (python quant.py SRC OUT --quant ...)")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -154,14 +160,23 @@ class MoELoRALinear(nn.Linear):
     g (`gate`, fp32): (R,), (B, 1, R) per sequence or (B, T, R) per token, set by the block's MoEHook for one block
     call and cleared after it (None between calls).
     weight/bias are the base's own frozen Parameters; lora_A/lora_B are fp32; the output keeps the base dtype.
+    A quantised base (quant.QuantLinear, model.quant) is kept whole as `base_linear` (weight and bias are then None):
+    W x + b is its forward, dequantising the integer weight on the fly; the experts are the same fp32 tensors.
     """
 
-    def __init__(self, base: nn.Linear, experts: list, rslora: bool = False, dropout: float = 0.0):
+    def __init__(self, base: Union[nn.Linear, QuantLinear], experts: list, rslora: bool = False, dropout: float = 0.0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_parameter("weight", base.weight)  # the same Parameters: names and storage unchanged
-        self.register_parameter("bias", base.bias)
-        dev = base.weight.device
+        if isinstance(base, QuantLinear):
+            self.base_linear = base  # registered as a child: its codes and scales move with .to(device)
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            dev = base.device
+        else:
+            self.base_linear = None
+            self.register_parameter("weight", base.weight)  # the same Parameters: names and storage unchanged
+            self.register_parameter("bias", base.bias)
+            dev = base.weight.device
         ranks = [e.r for e in experts]
         R = sum(ranks)
         self.expert_names = [e.name for e in experts]
@@ -189,7 +204,7 @@ class MoELoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # 2-D throughout: the in-place add below then needs no view tracking
-        y = F.linear(x2, self.weight, self.bias)  # (N, out), base dtype
+        y = F.linear(x2, self.weight, self.bias) if self.base_linear is None else self.base_linear(x2)  # (N, out)
         if self.merged_gate is not None:  # the fixed mix is inside weight
             return y.view(*lead, self.out_features)
         if self.gate is None:
@@ -214,6 +229,8 @@ class MoELoRALinear(nn.Linear):
         """Fold fixed expert weights w (E,) into `weight`, computed in fp32 (then cast to the base dtype)."""
         if self.merged_gate is not None:
             raise RuntimeError("MoELoRALinear: already merged; unmerge first")
+        if self.base_linear is not None:
+            raise ValueError(QUANT_MERGE_ERROR.format(scheme=self.base_linear.scheme))
         gate = self.gate_from_weights(w.to(self.slot_scale.device))
         self.weight.copy_(self.weight.float() + self.delta_weight(gate))
         self.merged_gate = gate
@@ -228,7 +245,8 @@ class MoELoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         ranks = [self.offsets[i + 1] - self.offsets[i] for i in range(len(self.expert_names))]
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        bias = f", bias={self.bias is not None}" if self.base_linear is None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}{bias}, "
                 f"experts={dict(zip(self.expert_names, ranks))}")
 
 
@@ -365,7 +383,7 @@ def attach(model, cfg: MoELoRAConfig):
             lin = MoELoRALinear(getattr(parent, t), experts, cfg.rslora, cfg.dropout)
             setattr(parent, t, lin)
             linears.append(lin)
-        dev = linears[0].weight.device
+        dev = linears[0].lora_A.device  # the base's device (lora_A is made there)
         router = None
         if routed and rc.kind == "task":
             router = TaskRouter(table)
@@ -394,6 +412,9 @@ def detach(model):
                 if isinstance(child, MoELoRALinear):
                     if child.merged_gate is not None:
                         child.unmerge()
+                    if child.base_linear is not None:  # a quantised base: its QuantLinear again
+                        setattr(parent, name, child.base_linear)
+                        continue
                     lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                     lin.weight, lin.bias = child.weight, child.bias
                     setattr(parent, name, lin)
@@ -529,7 +550,11 @@ def fixed_weights(cfg: MoELoRAConfig, routing: Union[str, dict]) -> torch.Tensor
 def merge(model, routing: Union[str, dict]) -> None:
     """Fold fixed weights (hard routing at deployment) into the base weights, in fp32; routing is then skipped."""
     w = fixed_weights(get_config(model), routing)
-    for lin in _linears(model):
+    linears = _linears(model)
+    quantised = [lin.base_linear.scheme for lin in linears if lin.base_linear is not None]
+    if quantised:  # refuse before any linear is touched
+        raise ValueError(QUANT_MERGE_ERROR.format(scheme=quantised[0]))
+    for lin in linears:
         lin.merge(w)
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import data
 import moe_lora
 import mtl
+import quant
 import synthetic
 from config import Config, ConfigError, Stage, check_rule, load_config, mode_tasks
 from evaluate import dev_evaluate, dev_routing_texts, load_dev
@@ -62,6 +63,7 @@ def check_inputs(cfg: Config, where: str) -> None:
                 raise ConfigError(f"{where}: model.path {m.path!r}: config.json is not a JSON object") from None
             check_rule(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
                    f"layer indices < {n}, the depth of {m.path}")
+        quant.check_setting(m.path, m.quant, m.quant_group, where)  # model.quant against the directory
     if m.tokenizer is not None and not os.path.exists(m.tokenizer):
         raise ConfigError(f"{where}: model.tokenizer {m.tokenizer!r}: not found")
     if not (d.synthetic and not os.path.isdir(d.dir)):

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moe_lora
+import quant
 from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
                     check_rule, config_from_dict, format_prf_query, format_query, format_rerank_pair,
                     load_run_config)
@@ -388,9 +389,20 @@ def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
     return inputs
 
 
+def load_base(cfg: Config, device: torch.device) -> CausalLM:
+    """The frozen base of model.path in model.dtype, quantised as model.quant says: a full-precision directory is
+    quantised here (round to nearest, deterministic: the same codes at every load); a quantised directory
+    (quant.save_quantized) is loaded as stored and must match model.quant / model.quant_group."""
+    m = cfg.model
+    if quant.check_setting(m.path, m.quant, m.quant_group, where="the config") is not None:
+        return quant.load_quantized(m.path, dtype=DTYPES[m.dtype], device=device)
+    base = load_pretrained(m.path, dtype=DTYPES[m.dtype], device=device)
+    return base if m.quant == "none" else quant.quantize_model(base, m.quant, m.quant_group)
+
+
 def build_model(cfg: Config, device: torch.device) -> UniMoER:
-    """Frozen base from model.path (+ tokenizer) with the mode's experts and routers attached."""
-    base = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
+    """Frozen base from model.path (+ tokenizer; quantised per model.quant) with the mode's experts and routers."""
+    base = load_base(cfg, device)
     base.gradient_checkpointing = cfg.model.grad_checkpointing
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     torch.manual_seed(cfg.train.seed)  # expert init (A Kaiming) and router init
@@ -517,7 +529,7 @@ def load_model(path: str, device="cpu", max_doc_len: Optional[int] = None, overr
         else:
             cfg = config_from_dict(apply_overrides({}, overrides), "evaluate.py overrides")
             cfg.model.path = path
-            um = UniMoER(load_pretrained(path, dtype=DTYPES[cfg.model.dtype], device=device), load_tokenizer(path), cfg)
+            um = UniMoER(load_base(cfg, device), load_tokenizer(path), cfg)
             um = um.to(device).eval()
             info = {"kind": "base", "checkpoint_dir": None, "adapters_sha256": None, "mode": "base (no adapters)"}
     except KeyError as e:  # the tokenizer lacks a token the heads need ("yes", "no", the end token)
@@ -537,7 +549,9 @@ def model_settings(um) -> dict:
             + RERANK_SUFFIX, "eos_token": um.tok.eos_token, "append_eos": d.append_eos,
             "max_lengths": {"query": d.max_query_len, "doc": d.max_doc_len, "pair": d.max_pair_len},
             "padding_side": d.padding_side, "pooling": um.cfg.train.pooling, "rerank_head": um.cfg.train.rerank_head,
-            "bidirectional": um.cfg.model.bidirectional, "dtype": um.cfg.model.dtype}
+            "bidirectional": um.cfg.model.bidirectional, "dtype": um.cfg.model.dtype,
+            "quant": um.cfg.model.quant,
+            "quant_group": um.cfg.model.quant_group if um.cfg.model.quant == "int4" else None}
 
 
 class MTEBEncoder:
