@@ -14,6 +14,8 @@ Usage
     torchrun --nproc_per_node=2 evaluate.py CKPT --data DIR             # encoding and reranking sharded
     python evaluate.py CKPT --data DIR --index hnsw --k-rerank 20 --max-queries 100 --max-doc-len 128
     python evaluate.py CKPT --data DIR --drop-self off                 # keep a document whose id is the query's
+    python evaluate.py CKPT --dim 32                                   # Matryoshka: embeddings cut to 32 dims
+    python evaluate.py CKPT --dims 8 16 32                             # + retrieval per dim in "matryoshka"
 
 Writes <out>/metrics.json, per_query.json and run.{retrieval,two_stage,rerank}.trec (default out:
 <CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on
@@ -47,7 +49,8 @@ from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queri
                 write_text_atomic, write_trec_run)
 from model import ArgumentParser, UsageError, run_cli
 from retrieval import bm25_run, build_index, dense_run, encode_corpus, encode_queries, rerank, two_stage
-from unimoer import UniMoER, autocast_for, load_model, model_settings, setup_distributed, sha256_file
+from unimoer import (UniMoER, autocast_for, load_model, model_settings, prefix_embeddings, set_embed_dim,
+                     setup_distributed, sha256_file)
 
 STAGES = ("retrieval", "two_stage", "rerank")  # "candidates" (the input run of --candidates) is scored, not written
 METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
@@ -174,7 +177,7 @@ def _write_json(path: str, obj, indent: Optional[int] = 2) -> None:
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_rerank=None, candidates=None,
                         index="flat", batch_size=64, max_queries=None, max_doc_len=None, device="cpu",
                         reranker=None, out_dir=None, write=True, progress=None, overrides=(),
-                        drop_self="auto") -> Optional[dict]:
+                        drop_self="auto", dim=None, dims=None) -> Optional[dict]:
     """Evaluate a run / checkpoint / plain model directory; returns the metrics.json dict plus "per_query".
 
     Data (choose_eval_set): the run's own dev set exactly as training evaluates it when data_dir and split are
@@ -183,6 +186,10 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     model, or by `reranker`: a second run / checkpoint / model directory, the two-separate-models baseline), and
     with `candidates` (a TREC run, e.g. BM25) "rerank" (its top k_rerank reranked) and "candidates" (its own
     metrics). Self-hits are dropped as `drop_self` "auto" | "on" | "off" says (resolve_drop_self).
+    Matryoshka: `dim` cuts every query and document embedding to its first dim dims, renormalised
+    (unimoer.set_embed_dim; provenance "embed_dim"); "matryoshka" holds the retrieval metrics per dim of
+    `dims`, default the run's train.matryoshka_dims, plus the evaluated width (matryoshka_dims_of), from the one
+    encoding pass (None without either).
 
     overrides: `--section.key=value` config settings for a model directory without adapters (load_model).
 
@@ -194,7 +201,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     metrics.json, per_query.json and run.<stage>.trec, each atomically.
     """
     t_start = time.time()
-    check_eval_args(index, drop_self, batch_size, k_retrieve=k_retrieve, k_rerank=k_rerank, max_queries=max_queries)
+    check_eval_args(index, drop_self, batch_size, k_retrieve=k_retrieve, k_rerank=k_rerank, max_queries=max_queries,
+                    dim=dim, **{f"dims[{i}]": m for i, m in enumerate(dims or [])})
     ckpt = os.fspath(ckpt)
     check_device(device)
     rank, world, dev, created = setup_distributed(device)
@@ -204,12 +212,14 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         um, info = load_model(ckpt, dev, max_doc_len, overrides)
         rr, rr_info = (um, None) if reranker is None else load_model(os.fspath(reranker), dev, max_doc_len,
                                                                       overrides)
+        set_embed_dim(um, dim)
+        table_dims = matryoshka_dims_of(um, dims)
         es = choose_eval_set(um, info, ckpt, data_dir, split, max_queries, k_retrieve, k_rerank, drop_self,
                              candidates)
         _log(f"{ckpt} ({info['mode']}) on {es.dataset}: {len(es.queries)} queries, {len(es.corpus)} documents, "
              f"k_retrieve {es.k_retrieve}, k_rerank {es.k_rerank}, self-hits {'dropped' if es.drop else 'kept'} "
              f"(--drop-self {drop_self}), {world} process(es), {dev}")
-        runs, times = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev)
+        runs, times, table = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev, table_dims)
         if rank != 0:
             return None
         results = {stage: evaluate_run(es.qrels, run) for stage, run in
@@ -220,7 +230,7 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         metrics = {"checkpoint": info["path"], "dataset": es.dataset, "split": es.split,
                    "num_queries": len(es.queries), "provenance": provenance,
                    **{stage: {k: r[k] for k in METRIC_KEYS} for stage, r in results.items()},
-                   "costs": costs, "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
+                   "matryoshka": table, "costs": costs, "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
         per_query = {stage: r["per_query"] for stage, r in results.items()}
         provenance["wall_s"] = time.time() - t_start
         if write:
@@ -300,14 +310,16 @@ def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_r
                    k_rerank, drop, cands)
 
 
-def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev) -> tuple:
+def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev,
+               dims: Sequence[int] = ()) -> tuple:
     """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
-    run) -> (runs {stage: run}, times {name: seconds}), each stage timed on every rank. Encoding batches are
-    batch_size texts, reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation)."""
+    run) -> (runs {stage: run}, times {name: seconds}, the Matryoshka table of `dims` (matryoshka_table; None
+    without dims, and on ranks > 0)), each stage timed on every rank. Encoding batches are batch_size texts,
+    reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation)."""
     shard = world > 1
     autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times, runs = {}, {}
+    times, runs, table = {}, {}, None
 
     def timed(name, fn):
         sync()
@@ -328,6 +340,9 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
         faiss_index = timed("index_build_s", lambda: build_index(doc_emb, index))
         runs["retrieval"] = timed("search_s", lambda: dense_run(qids, query_emb, doc_ids, faiss_index,
                                                                 es.k_retrieve, drop_self=es.drop))
+        if dims:
+            table = timed("matryoshka_s", lambda: matryoshka_table(qids, query_emb, doc_ids, doc_emb, es.qrels, dims,
+                                                                   es.k_retrieve, es.drop, index))
         del faiss_index, doc_emb
     if shard:
         box = [runs.get("retrieval")]
@@ -339,7 +354,35 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
     if es.cands is not None:
         runs["rerank"] = timed("rerank_s", lambda: rerank(rr, queries, corpus, es.cands, es.k_rerank, rerank_bs,
                                                           progress, shard))
-    return runs, times
+    return runs, times, table
+
+
+def matryoshka_dims_of(um, dims: Optional[Sequence[int]]) -> list:
+    """The dims of the Matryoshka table: `dims` if given (each <= the evaluated width W: --dim, else the hidden
+    size), else the run's train.matryoshka_dims that are <= W; plus W itself. [] when neither names any."""
+    w = um.embed_dim or um.base.config.hidden_size
+    if dims:
+        bad = [m for m in dims if m > w]
+        if bad:
+            raise EvalError(f"dims {bad}: each must be <= {w}, the evaluated embedding width (--dim or the hidden "
+                            "size)")
+        return sorted(set(dims) | {w})
+    own = um.cfg.train.matryoshka_dims
+    return sorted({m for m in own if m <= w} | {w}) if own else []
+
+
+def matryoshka_table(qids: Sequence[str], query_emb, doc_ids: Sequence[str], doc_emb, qrels: dict,
+                     dims: Sequence[int], k: int, drop: bool, index: str = "flat") -> dict:
+    """Dense retrieval at each Matryoshka dim from one encoding: per m, the first m dims of the query and document
+    embeddings (n, W), renormalised (unimoer.prefix_embeddings), searched as the retrieval stage is (index kind,
+    depth k, self-hits) -> {"m": {metric: value}}; the entry at the full width W is the retrieval stage itself."""
+    cut = lambda x, m: prefix_embeddings(torch.from_numpy(x), m).numpy()  # noqa: E731
+    table = {}
+    for m in dims:
+        run = dense_run(qids, cut(query_emb, m), doc_ids, build_index(cut(doc_emb, m), index), k, drop_self=drop)
+        r = evaluate_run(qrels, run)
+        table[str(m)] = {key: r[key] for key in METRIC_KEYS}
+    return table
 
 
 def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, batch_size: int) -> dict:
@@ -452,7 +495,20 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
     fixed = evaluate_run(qrels, rerank(um, queries, corpus, cands, k=k, progress=False))
     return {"emb_ndcg@10": emb["ndcg@10"], "emb_recall@100": emb["recall@100"],
             "fixed_ndcg@10": fixed["ndcg@10"], "cand_ndcg@10": cand["ndcg@10"], f"cand_recall@{k}": cand[f"recall@{k}"],
-            "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
+            "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"],
+            **(dev_matryoshka(um, dev, cfg) if cfg.train.matryoshka_dims else {})}
+
+
+def dev_matryoshka(um: UniMoER, dev: tuple, cfg: Config) -> dict:
+    """emb@<m>_ndcg@10: dev retrieval at each of train.matryoshka_dims and the full width (matryoshka_table, as
+    emb_*: depth max(100, rerank_topk), self-hits as --drop-self auto). One more encoding of the dev set."""
+    corpus, queries, qrels = dev
+    doc_ids, qids = list(corpus), list(queries)
+    doc_emb = encode_corpus(um, doc_ids, [corpus[d] for d in doc_ids], progress=False)
+    query_emb = encode_queries(um, [queries[q] for q in qids], progress=False)
+    table = matryoshka_table(qids, query_emb, doc_ids, doc_emb, qrels, matryoshka_dims_of(um, None),
+                             max(100, cfg.train.rerank_topk), resolve_drop_self("auto", queries, corpus))
+    return {f"emb@{m}_ndcg@10": r["ndcg@10"] for m, r in table.items()}
 
 
 def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
@@ -469,7 +525,9 @@ def summary(result: dict) -> dict:
     """The one line printed on stdout: where, what, and each stage's metrics."""
     return {"checkpoint": result["checkpoint"], "dataset": result["dataset"], "split": result["split"],
             "num_queries": result["num_queries"],
-            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank") if s in result}}
+            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank") if s in result},
+            **({"matryoshka_ndcg@10": {m: r["ndcg@10"] for m, r in result["matryoshka"].items()}}
+               if result.get("matryoshka") else {})}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -495,6 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--drop-self", choices=DROP_SELF, default="auto", help="drop a retrieved document whose id "
                    "equals the query id (BEIR); auto: only where the queries are corpus documents (ArguAna, "
                    "Quora), see resolve_drop_self")
+    p.add_argument("--dim", type=int, help="Matryoshka: cut query and document embeddings to their first N dims, "
+                   "renormalised, in every stage (default: all)")
+    p.add_argument("--dims", type=int, nargs="+", help="dims of the per-dim retrieval table in metrics.json "
+                   "\"matryoshka\" (default: the run's train.matryoshka_dims; the evaluated width is always added)")
     p.add_argument("--out", help="output directory (default <ckpt>/eval/<dataset>[-<split>])")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     args, rest = p.parse_known_args(argv)
@@ -507,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  batch_size=args.batch_size, max_queries=args.max_queries,
                                  max_doc_len=args.max_doc_len, device=args.device, reranker=args.reranker,
                                  out_dir=args.out, write=not args.no_write, overrides=overrides,
-                                 drop_self=args.drop_self)
+                                 drop_self=args.drop_self, dim=args.dim, dims=args.dims)
     if result is not None:
         print(json.dumps(summary(result)), flush=True)
     return 0

@@ -1,7 +1,7 @@
 """The training losses, each one visible function: InfoNCE over in-batch and hard negatives (cross-device under
-DDP), the reranker's pointwise BCE or group-wise softmax CE, the routers' aux losses over train.aux_scope's units,
-and the weighted total alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n (train.aux_weights: the one place
-the aux losses are weighted).
+DDP) and its Matryoshka sum over embedding prefixes, the reranker's pointwise BCE or group-wise softmax CE, the
+routers' aux losses over train.aux_scope's units, and the weighted total alpha * L_emb + beta * L_rank +
+sum_n lambda_n * L_aux_n (train.aux_weights: the one place the aux losses are weighted).
 """
 from __future__ import annotations
 
@@ -44,6 +44,30 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float, cross_de
     scores = q @ d.t() / temperature  # (N, N * g)
     labels = torch.arange(q.shape[0], device=q.device) * g
     return F.cross_entropy(scores, labels) * world
+
+
+def matryoshka_loss(q: torch.Tensor, d: torch.Tensor, dims: Sequence[int], weights: Sequence[float],
+                    temperature: float, cross_device: bool) -> tuple:
+    """Matryoshka Representation Learning (Kusupati et al., NeurIPS 2022, arXiv 2205.13147, eq. 1; official code
+    RAIVNLab/MRL, MRL.py Matryoshka_CE_Loss) with InfoNCE as the loss at each granularity:
+
+        L = sum_{m in M} c_m * InfoNCE(normalize(q[:, :m]), normalize(d[:, :m]))  -> (L, {m: InfoNCE at m})
+
+    q (b, H), d (b * g, H) as info_nce_loss; each term is exactly info_nce_loss on the renormalised prefixes
+    (cross-device negatives and its DDP scaling included). M = `dims` plus the full width H when not listed (the
+    paper's M = {8, 16, ..., d} always holds d; its training code nests up to 2048 = d), with c_m = `weights`
+    (default all 1, the paper's c_m = 1; an unlisted H gets 1). A weighted sum, not a mean, as eq. 1 and the
+    official loss (`weighted_losses.sum()`). Under GradCache q and d are the cached full vectors: the truncation
+    is here, so the cache is unchanged.
+    """
+    h = q.shape[1]
+    if max(dims, default=0) > h:
+        raise ValueError(f"train.matryoshka_dims {list(dims)}: dims must be <= the embedding width {h}")
+    c = dict(zip(dims, weights or [1.0] * len(dims)))
+    c.setdefault(h, 1.0)
+    parts = {m: info_nce_loss(F.normalize(q[:, :m], dim=-1), F.normalize(d[:, :m], dim=-1), temperature,
+                              cross_device) for m in sorted(c)}
+    return sum(c[m] * parts[m] for m in parts), parts
 
 
 def bce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
@@ -115,10 +139,17 @@ def _sum_over_ranks(stats: list) -> list:
 
 def total_loss(out: dict, cfg: Config, group: int) -> tuple:
     """alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n -> (loss, {name: value} for the log).
+    With train.matryoshka_dims, L_emb (logged "emb") is matryoshka_loss's weighted sum and "emb@<m>" logs each
+    dim's InfoNCE (emb@<H>, the full width, is the plain run's "emb").
 
     out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step."""
     t, parts, terms = cfg.train, {}, []
-    if "q" in out:
+    if "q" in out and t.matryoshka_dims:  # L_emb = the Matryoshka sum; each dim's InfoNCE logged as emb@<m>
+        parts["emb"], per_dim = matryoshka_loss(out["q"], out["d"], t.matryoshka_dims, t.matryoshka_weights,
+                                                t.temperature, t.cross_device_negatives)
+        parts.update({f"emb@{m}": v for m, v in per_dim.items()})
+        terms.append(t.emb_weight * parts["emb"])
+    elif "q" in out:
         parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
         terms.append(t.emb_weight * parts["emb"])
     if "scores" in out:
@@ -130,8 +161,8 @@ def total_loss(out: dict, cfg: Config, group: int) -> tuple:
         terms.append(t.aux_weights.get(name, 0.0) * value)
     loss = sum(terms)
     logged = {k: float(v.detach()) for k, v in parts.items()}
-    if "emb" in logged:
-        logged["emb"] /= loss_world(t.cross_device_negatives)  # log the global mean, not its DDP gradient scaling
+    for name in [k for k in logged if k == "emb" or k.startswith("emb@")]:
+        logged[name] /= loss_world(t.cross_device_negatives)  # log the global mean, not its DDP gradient scaling
     for name in out["aux"]:
         logged[name] /= loss_world(t.aux_scope == "global")  # likewise
     return loss, logged
