@@ -230,7 +230,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         metrics = {"checkpoint": info["path"], "dataset": es.dataset, "split": es.split,
                    "num_queries": len(es.queries), "provenance": provenance,
                    **{stage: {k: r[k] for k in METRIC_KEYS} for stage, r in results.items()},
-                   "matryoshka": table, "costs": costs, "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
+                   "matryoshka": table, "costs": costs,
+                   "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
         per_query = {stage: r["per_query"] for stage, r in results.items()}
         provenance["wall_s"] = time.time() - t_start
         if write:
@@ -397,6 +398,8 @@ def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, ba
                "two_stage_rerank_pairs_per_query": pairs(runs["retrieval"]),
                "two_stage_rerank_s_per_query": times["two_stage_rerank_s"] / n_q}
     latency["two_stage_s_per_query"] = latency["retrieval_s_per_query"] + latency["two_stage_rerank_s_per_query"]
+    if "matryoshka_s" in times:  # every per-dim index build and search of the Matryoshka table
+        latency["matryoshka_table_s"] = times["matryoshka_s"]
     if es.cands is not None:
         latency.update(rerank_pairs_per_query=pairs(es.cands), rerank_s_per_query=times["rerank_s"] / n_q)
     costs = {"params": param_costs(um), **peak_memory(dev), "latency": latency, "device": str(dev),

@@ -266,7 +266,8 @@ def test_with_dim_the_table_stops_at_the_evaluated_width(at_dim_8):
 
 
 def test_dims_flag_sets_the_table_and_the_summary_line_shows_it(run, task, capsys):
-    assert ev.main([run, "--data", task, "--k-rerank", "5", "--dims", "4", "8", "--no-write", "--device", "cpu"]) == 0
+    argv = [run, "--data", task, "--k-rerank", "5", "--dims", "4", "8", "--no-write", "--device", "cpu"]
+    assert ev.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(line["matryoshka_ndcg@10"]) == ["4", "8", "32"]
     assert line["matryoshka_ndcg@10"]["32"] == line["retrieval"]["ndcg@10"]
