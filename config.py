@@ -258,6 +258,10 @@ class TrainSection:
     e2rank_temperature: float = 0.1  # E2Rank's RankNet logits cos / t (official ranknet_scale_factor 10.0)
     e2rank_prf_k: int = 20  # E2Rank at evaluation: the PRF query holds the candidate list's top k (official 20)
     dev_e2rank: bool = True  # each dev evaluation also reranks the fixed list with E2Rank (e2rank_fixed_ndcg@10)
+    # Matryoshka (MRL, Kusupati et al. 2022): L_emb = sum_m c_m InfoNCE on the first m dims, renormalised, over these
+    # dims plus the full width (losses.matryoshka_loss); [] = off. Weights c_m per listed dim; [] = all 1 (the paper)
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)
     pooling: Literal["last", "first"] = "last"  # first-token pooling needs model.bidirectional
     freeze_experts: list[str] = field(default_factory=list)  # experts kept at their current values
     eval_every: int = 100
@@ -302,10 +306,24 @@ class TrainSection:
         check_rule(where, f"{key}.famo_lr", self.famo_lr, self.famo_lr > 0, "> 0")
         if self.gradnorm_lr is not None:
             check_rule(where, f"{key}.gradnorm_lr", self.gradnorm_lr, self.gradnorm_lr > 0, "> 0 or null (train.lr)")
+        self.validate_matryoshka(where, key)
         if self.max_update_rms is not None:
             check_rule(where, f"{key}.max_update_rms", self.max_update_rms, self.max_update_rms > 0, "> 0 or null")
         for i, st in enumerate(self.stages):
             st.validate(where, f"{key}.stages[{i}]")
+
+    def validate_matryoshka(self, where: str, key: str) -> None:
+        """matryoshka_dims: distinct integers >= 1 (<= the hidden size: Config.validate for the tiny base,
+        train.check_inputs for a model directory); matryoshka_weights: [] or one c_m >= 0 per dim."""
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        for i, m in enumerate(dims):
+            check_rule(where, f"{key}.matryoshka_dims[{i}]", m, m >= 1, ">= 1")
+        check_rule(where, f"{key}.matryoshka_dims", dims, len(set(dims)) == len(dims), "distinct")
+        if weights:
+            check_rule(where, f"{key}.matryoshka_weights", weights, len(weights) == len(dims),
+                       f"[] (all 1) or one weight per entry of {key}.matryoshka_dims {dims}")
+        for i, c in enumerate(weights):
+            check_rule(where, f"{key}.matryoshka_weights[{i}]", c, c >= 0, ">= 0")
 
 
 @dataclass
@@ -348,6 +366,13 @@ class Config:
         check_rule(where, "train.emb_weight/rank_weight", weights, any(w > 0 for w in weights),
                f"> 0 for at least one task mode {t.mode} trains")
         check_mtl(t, where)
+        if t.matryoshka_dims:
+            check_rule(where, "train.matryoshka_dims", t.matryoshka_dims, "embed" in tasks,
+                       f"[] with train.mode {t.mode}, which trains no embedding")
+            if self.model.path is None:  # a model directory's width is checked by train.check_inputs
+                h = self.model.tiny.hidden_size
+                check_rule(where, "train.matryoshka_dims", t.matryoshka_dims, max(t.matryoshka_dims) <= h,
+                           f"dims <= model.tiny.hidden_size {h}")
         layers = self.adapters.layers
         if layers is not None and self.model.path is None:  # the tiny base's depth is known now; a model
             n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs

@@ -15,6 +15,8 @@ Usage
     python evaluate.py CKPT --data DIR --index hnsw --k-rerank 20 --max-queries 100 --max-doc-len 128
     python evaluate.py CKPT --data DIR --drop-self off                 # keep a document whose id is the query's
     python evaluate.py CKPT --data DIR --no-e2rank                     # skip the E2Rank baseline stages
+    python evaluate.py CKPT --dim 32                                   # Matryoshka: embeddings cut to 32 dims
+    python evaluate.py CKPT --dims 8 16 32                             # + retrieval per dim in "matryoshka"
 
 Writes <out>/metrics.json, per_query.json and run.<stage>.trec (retrieval, two_stage, rerank, e2rank_two_stage,
 e2rank; default out: <CKPT>/eval/<dataset>, <dataset>-<split> for a split other than test) and prints one JSON summary line on
@@ -49,7 +51,8 @@ from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queri
 from model import ArgumentParser, UsageError, run_cli
 from retrieval import (bm25_run, build_index, dense_run, e2rank_rerank, encode_corpus, encode_queries, rerank,
                        two_stage)
-from unimoer import UniMoER, autocast_for, load_model, model_settings, setup_distributed, sha256_file
+from unimoer import (UniMoER, autocast_for, load_model, model_settings, prefix_embeddings, set_embed_dim,
+                     setup_distributed, sha256_file)
 
 STAGES = ("retrieval", "two_stage", "rerank", "e2rank_two_stage", "e2rank")  # "candidates" (the input run of --candidates) is scored, not written
 METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
@@ -176,7 +179,7 @@ def _write_json(path: str, obj, indent: Optional[int] = 2) -> None:
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_rerank=None, candidates=None,
                         index="flat", batch_size=64, max_queries=None, max_doc_len=None, device="cpu",
                         reranker=None, out_dir=None, write=True, progress=None, overrides=(),
-                        drop_self="auto", e2rank=True, e2rank_prf_k=None) -> Optional[dict]:
+                        drop_self="auto", e2rank=True, e2rank_prf_k=None, dim=None, dims=None) -> Optional[dict]:
     """Evaluate a run / checkpoint / plain model directory; returns the metrics.json dict plus "per_query".
 
     Data (choose_eval_set): the run's own dev set exactly as training evaluates it when data_dir and split are
@@ -185,6 +188,10 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     model, or by `reranker`: a second run / checkpoint / model directory, the two-separate-models baseline), and
     with `candidates` (a TREC run, e.g. BM25) "rerank" (its top k_rerank reranked) and "candidates" (its own
     metrics). Self-hits are dropped as `drop_self` "auto" | "on" | "off" says (resolve_drop_self).
+    Matryoshka: `dim` cuts every query and document embedding to its first dim dims, renormalised
+    (unimoer.set_embed_dim; provenance "embed_dim"); "matryoshka" holds the retrieval metrics per dim of
+    `dims`, default the run's train.matryoshka_dims, plus the evaluated width (matryoshka_dims_of), from the one
+    encoding pass (None without either).
 
     overrides: `--section.key=value` config settings for a model directory without adapters (load_model).
 
@@ -201,7 +208,7 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     """
     t_start = time.time()
     check_eval_args(index, drop_self, batch_size, k_retrieve=k_retrieve, k_rerank=k_rerank, max_queries=max_queries,
-                    e2rank_prf_k=e2rank_prf_k)
+                    e2rank_prf_k=e2rank_prf_k, dim=dim, **{f"dims[{i}]": m for i, m in enumerate(dims or [])})
     ckpt = os.fspath(ckpt)
     check_device(device)
     rank, world, dev, created = setup_distributed(device)
@@ -211,13 +218,15 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         um, info = load_model(ckpt, dev, max_doc_len, overrides)
         rr, rr_info = (um, None) if reranker is None else load_model(os.fspath(reranker), dev, max_doc_len,
                                                                       overrides)
+        set_embed_dim(um, dim)
+        table_dims = matryoshka_dims_of(um, dims)
         es = choose_eval_set(um, info, ckpt, data_dir, split, max_queries, k_retrieve, k_rerank, drop_self,
                              candidates)
         _log(f"{ckpt} ({info['mode']}) on {es.dataset}: {len(es.queries)} queries, {len(es.corpus)} documents, "
              f"k_retrieve {es.k_retrieve}, k_rerank {es.k_rerank}, self-hits {'dropped' if es.drop else 'kept'} "
              f"(--drop-self {drop_self}), {world} process(es), {dev}")
         prf_k = None if not e2rank else e2rank_prf_k or um.cfg.train.e2rank_prf_k
-        runs, times = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev, prf_k)
+        runs, times, table = run_stages(um, rr, es, index, batch_size, progress, rank, world, dev, prf_k, table_dims)
         if rank != 0:
             return None
         results = {stage: evaluate_run(es.qrels, run) for stage, run in
@@ -228,7 +237,8 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
         metrics = {"checkpoint": info["path"], "dataset": es.dataset, "split": es.split,
                    "num_queries": len(es.queries), "provenance": provenance,
                    **{stage: {k: r[k] for k in METRIC_KEYS} for stage, r in results.items()},
-                   "costs": costs, "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
+                   "matryoshka": table, "costs": costs,
+                   "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
         per_query = {stage: r["per_query"] for stage, r in results.items()}
         provenance["wall_s"] = time.time() - t_start
         if write:
@@ -309,16 +319,17 @@ def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_r
 
 
 def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev,
-               e2rank_prf_k: Optional[int] = None) -> tuple:
+               e2rank_prf_k: Optional[int] = None, dims: Sequence[int] = ()) -> tuple:
     """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
-    run) -> (runs {stage: run}, times {name: seconds}), each stage timed on every rank. Encoding batches are
-    batch_size texts, reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
+    run) -> (runs {stage: run}, times {name: seconds}, the Matryoshka table of `dims` (matryoshka_table; None
+    without dims, and on ranks > 0)), each stage timed on every rank. Encoding batches are batch_size texts,
+    reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
     e2rank_prf_k (None: off): also the E2Rank baseline of `um`'s embedding path (retrieval.e2rank_rerank, PRF
     from the top e2rank_prf_k) on the dense run ("e2rank_two_stage") and on the candidates ("e2rank")."""
     shard = world > 1
     autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times, runs = {}, {}
+    times, runs, table = {}, {}, None
 
     def timed(name, fn):
         sync()
@@ -339,6 +350,9 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
         faiss_index = timed("index_build_s", lambda: build_index(doc_emb, index))
         runs["retrieval"] = timed("search_s", lambda: dense_run(qids, query_emb, doc_ids, faiss_index,
                                                                 es.k_retrieve, drop_self=es.drop))
+        if dims:
+            table = timed("matryoshka_s", lambda: matryoshka_table(qids, query_emb, doc_ids, doc_emb, es.qrels, dims,
+                                                                   es.k_retrieve, es.drop, index))
         del faiss_index, doc_emb
     if shard:
         box = [runs.get("retrieval")]
@@ -356,7 +370,35 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
         runs["e2rank_two_stage"] = timed("e2rank_two_stage_s", lambda: e2(runs["retrieval"]))
         if es.cands is not None:
             runs["e2rank"] = timed("e2rank_s", lambda: e2(es.cands))
-    return runs, times
+    return runs, times, table
+
+
+def matryoshka_dims_of(um, dims: Optional[Sequence[int]]) -> list:
+    """The dims of the Matryoshka table: `dims` if given (each <= the evaluated width W: --dim, else the hidden
+    size), else the run's train.matryoshka_dims that are <= W; plus W itself. [] when neither names any."""
+    w = um.embed_dim or um.base.config.hidden_size
+    if dims:
+        bad = [m for m in dims if m > w]
+        if bad:
+            raise EvalError(f"dims {bad}: each must be <= {w}, the evaluated embedding width (--dim or the hidden "
+                            "size)")
+        return sorted(set(dims) | {w})
+    own = um.cfg.train.matryoshka_dims
+    return sorted({m for m in own if m <= w} | {w}) if own else []
+
+
+def matryoshka_table(qids: Sequence[str], query_emb, doc_ids: Sequence[str], doc_emb, qrels: dict,
+                     dims: Sequence[int], k: int, drop: bool, index: str = "flat") -> dict:
+    """Dense retrieval at each Matryoshka dim from one encoding: per m, the first m dims of the query and document
+    embeddings (n, W), renormalised (unimoer.prefix_embeddings), searched as the retrieval stage is (index kind,
+    depth k, self-hits) -> {"m": {metric: value}}; the entry at the full width W is the retrieval stage itself."""
+    cut = lambda x, m: prefix_embeddings(torch.from_numpy(x), m).numpy()  # noqa: E731
+    table = {}
+    for m in dims:
+        run = dense_run(qids, cut(query_emb, m), doc_ids, build_index(cut(doc_emb, m), index), k, drop_self=drop)
+        r = evaluate_run(qrels, run)
+        table[str(m)] = {key: r[key] for key in METRIC_KEYS}
+    return table
 
 
 def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, batch_size: int) -> dict:
@@ -371,6 +413,8 @@ def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, ba
                "two_stage_rerank_pairs_per_query": pairs(runs["retrieval"]),
                "two_stage_rerank_s_per_query": times["two_stage_rerank_s"] / n_q}
     latency["two_stage_s_per_query"] = latency["retrieval_s_per_query"] + latency["two_stage_rerank_s_per_query"]
+    if "matryoshka_s" in times:  # every per-dim index build and search of the Matryoshka table
+        latency["matryoshka_table_s"] = times["matryoshka_s"]
     if es.cands is not None:
         latency.update(rerank_pairs_per_query=pairs(es.cands), rerank_s_per_query=times["rerank_s"] / n_q)
     for stage in ("e2rank_two_stage", "e2rank"):  # E2Rank reranking time per query (PRF query + documents)
@@ -480,7 +524,21 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
         e2 = fixed if um.listwise else evaluate_run(qrels, e2rank_rerank(um, queries, corpus, cands, k=k,
                                                                          k_prf=cfg.train.e2rank_prf_k, progress=False))
         out["e2rank_fixed_ndcg@10"] = e2["ndcg@10"]
+    if cfg.train.matryoshka_dims:
+        out.update(dev_matryoshka(um, dev, cfg))
     return out
+
+
+def dev_matryoshka(um: UniMoER, dev: tuple, cfg: Config) -> dict:
+    """emb@<m>_ndcg@10: dev retrieval at each of train.matryoshka_dims and the full width (matryoshka_table, as
+    emb_*: depth max(100, rerank_topk), self-hits as --drop-self auto). One more encoding of the dev set."""
+    corpus, queries, qrels = dev
+    doc_ids, qids = list(corpus), list(queries)
+    doc_emb = encode_corpus(um, doc_ids, [corpus[d] for d in doc_ids], progress=False)
+    query_emb = encode_queries(um, [queries[q] for q in qids], progress=False)
+    table = matryoshka_table(qids, query_emb, doc_ids, doc_emb, qrels, matryoshka_dims_of(um, None),
+                             max(100, cfg.train.rerank_topk), resolve_drop_self("auto", queries, corpus))
+    return {f"emb@{m}_ndcg@10": r["ndcg@10"] for m, r in table.items()}
 
 
 def dev_routing_texts(dev: tuple, n: int = 32) -> tuple:
@@ -498,7 +556,9 @@ def summary(result: dict) -> dict:
     return {"checkpoint": result["checkpoint"], "dataset": result["dataset"], "split": result["split"],
             "num_queries": result["num_queries"],
             **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank", "e2rank_two_stage", "e2rank")
-               if s in result}}
+               if s in result},
+            **({"matryoshka_ndcg@10": {m: r["ndcg@10"] for m, r in result["matryoshka"].items()}}
+               if result.get("matryoshka") else {})}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -528,6 +588,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "e2rank): listwise reranking by the embedding path, a PRF query per query")
     p.add_argument("--e2rank-prf-k", type=int, help="E2Rank: candidates in the PRF query (default the run's "
                    "train.e2rank_prf_k, 20)")
+    p.add_argument("--dim", type=int, help="Matryoshka: cut query and document embeddings to their first N dims, "
+                   "renormalised, in every stage (default: all)")
+    p.add_argument("--dims", type=int, nargs="+", help="dims of the per-dim retrieval table in metrics.json "
+                   "\"matryoshka\" (default: the run's train.matryoshka_dims; the evaluated width is always added)")
     p.add_argument("--out", help="output directory (default <ckpt>/eval/<dataset>[-<split>])")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     args, rest = p.parse_known_args(argv)
@@ -541,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  max_doc_len=args.max_doc_len, device=args.device, reranker=args.reranker,
                                  out_dir=args.out, write=not args.no_write, overrides=overrides,
                                  drop_self=args.drop_self, e2rank=not args.no_e2rank,
-                                 e2rank_prf_k=args.e2rank_prf_k)
+                                 e2rank_prf_k=args.e2rank_prf_k, dim=args.dim, dims=args.dims)
     if result is not None:
         print(json.dumps(summary(result)), flush=True)
     return 0

@@ -1,7 +1,7 @@
 """The training losses, each one visible function: InfoNCE over in-batch and hard negatives (cross-device under
-DDP), the reranker's pointwise BCE, group-wise softmax CE or RankNet (E2Rank: ranknet_loss), the routers' aux losses over train.aux_scope's units,
-and the weighted total alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n (train.aux_weights: the one place
-the aux losses are weighted).
+DDP) and its Matryoshka sum over embedding prefixes, the reranker's pointwise BCE, group-wise softmax CE or RankNet
+(E2Rank: ranknet_loss), the routers' aux losses over train.aux_scope's units, and the weighted total
+alpha * L_emb + beta * L_rank + sum_n lambda_n * L_aux_n (train.aux_weights: the one place the aux losses are weighted).
 """
 from __future__ import annotations
 
@@ -44,6 +44,30 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float, cross_de
     scores = q @ d.t() / temperature  # (N, N * g)
     labels = torch.arange(q.shape[0], device=q.device) * g
     return F.cross_entropy(scores, labels) * world
+
+
+def matryoshka_loss(q: torch.Tensor, d: torch.Tensor, dims: Sequence[int], weights: Sequence[float],
+                    temperature: float, cross_device: bool) -> tuple:
+    """Matryoshka Representation Learning (Kusupati et al., NeurIPS 2022, arXiv 2205.13147, eq. 1; official code
+    RAIVNLab/MRL, MRL.py Matryoshka_CE_Loss) with InfoNCE as the loss at each granularity:
+
+        L = sum_{m in M} c_m * InfoNCE(normalize(q[:, :m]), normalize(d[:, :m]))  -> (L, {m: InfoNCE at m})
+
+    q (b, H), d (b * g, H) as info_nce_loss; each term is exactly info_nce_loss on the renormalised prefixes
+    (cross-device negatives and its DDP scaling included). M = `dims` plus the full width H when not listed (the
+    paper's M = {8, 16, ..., d} always holds d; its training code nests up to 2048 = d), with c_m = `weights`
+    (default all 1, the paper's c_m = 1; an unlisted H gets 1). A weighted sum, not a mean, as eq. 1 and the
+    official loss (`weighted_losses.sum()`). Under GradCache q and d are the cached full vectors: the truncation
+    is here, so the cache is unchanged.
+    """
+    h = q.shape[1]
+    if max(dims, default=0) > h:
+        raise ValueError(f"train.matryoshka_dims {list(dims)}: dims must be <= the embedding width {h}")
+    c = dict(zip(dims, weights or [1.0] * len(dims)))
+    c.setdefault(h, 1.0)
+    parts = {m: info_nce_loss(F.normalize(q[:, :m], dim=-1), F.normalize(d[:, :m], dim=-1), temperature,
+                              cross_device) for m in sorted(c)}
+    return sum(c[m] * parts[m] for m in parts), parts
 
 
 def bce_loss(scores: torch.Tensor, group: int) -> torch.Tensor:
@@ -134,15 +158,22 @@ def _sum_over_ranks(stats: list) -> list:
 
 
 TASK_WEIGHT_KEYS = {"emb": "emb_weight", "rank": "rank_weight"}  # task loss -> its train.* weight
+LOG_ONLY = "emb@"  # task_losses' "emb@<m>": each Matryoshka dim's InfoNCE, detached, for the log only
 
 
 def task_losses(out: dict, cfg: Config, group: int) -> dict:
     """The step's unweighted losses -> {"emb": L_emb, "rank": L_rank (those present), aux name: L_aux_n}.
+    With train.matryoshka_dims, L_emb is matryoshka_loss's weighted sum and "emb@<m>" (detached, log only) each
+    dim's InfoNCE (emb@<H>, the full width, is the plain run's "emb").
 
     out: "q"/"d" (embedding), "scores" (reranking), "aux" {name: loss} (aux_losses), each over the whole step.
     L_emb carries info_nce_loss's DDP factor loss_world(...), the aux terms aux_losses' (see logged_values)."""
     t, parts = cfg.train, {}
-    if "q" in out:
+    if "q" in out and t.matryoshka_dims:
+        parts["emb"], per_dim = matryoshka_loss(out["q"], out["d"], t.matryoshka_dims, t.matryoshka_weights,
+                                                t.temperature, t.cross_device_negatives)
+        parts.update({f"{LOG_ONLY}{m}": v.detach() for m, v in per_dim.items()})
+    elif "q" in out:
         parts["emb"] = info_nce_loss(out["q"], out["d"], t.temperature, t.cross_device_negatives)
     if "scores" in out:
         fn = {"bce": bce_loss, "group": group_ce_loss, "ranknet": ranknet_group_loss}[t.rerank_loss]
@@ -153,17 +184,18 @@ def task_losses(out: dict, cfg: Config, group: int) -> dict:
 
 def aux_terms(parts: dict, cfg: Config) -> list:
     """[lambda_n * L_aux_n] over the aux terms of task_losses' dict (train.aux_weights; unlisted: weight 0)."""
-    return [cfg.train.aux_weights.get(k, 0.0) * v for k, v in parts.items() if k not in TASK_WEIGHT_KEYS]
+    return [cfg.train.aux_weights.get(k, 0.0) * v for k, v in parts.items()
+            if k not in TASK_WEIGHT_KEYS and not k.startswith(LOG_ONLY)]
 
 
 def logged_values(parts: dict, cfg: Config) -> dict:
     """{name: float} for the log: the global means, without the DDP gradient factors of L_emb and the aux terms."""
     t = cfg.train
     logged = {k: float(v.detach()) for k, v in parts.items()}
-    if "emb" in logged:
-        logged["emb"] /= loss_world(t.cross_device_negatives)
     for name in parts:
-        if name not in TASK_WEIGHT_KEYS:
+        if name == "emb" or name.startswith(LOG_ONLY):
+            logged[name] /= loss_world(t.cross_device_negatives)
+        elif name not in TASK_WEIGHT_KEYS:
             logged[name] /= loss_world(t.aux_scope == "global")
     return logged
 

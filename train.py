@@ -64,6 +64,8 @@ def check_inputs(cfg: Config, where: str) -> None:
             check_rule(where, "adapters.layers", cfg.adapters.layers, n is None or max(cfg.adapters.layers) < n,
                    f"layer indices < {n}, the depth of {m.path}")
         quant.check_setting(m.path, m.quant, m.quant_group, where)  # model.quant against the directory
+        if cfg.train.matryoshka_dims:
+            check_matryoshka_width(cfg, where)
     if m.tokenizer is not None and not os.path.exists(m.tokenizer):
         raise ConfigError(f"{where}: model.tokenizer {m.tokenizer!r}: not found")
     if not (d.synthetic and not os.path.isdir(d.dir)):
@@ -80,6 +82,19 @@ def check_inputs(cfg: Config, where: str) -> None:
     tok_source = m.tokenizer or m.path or d.dir
     if os.path.isfile(tok_source) or os.path.isfile(os.path.join(tok_source, "tokenizer.json")):
         check_lengths(cfg, load_tokenizer(tok_source), where)
+
+
+def check_matryoshka_width(cfg: Config, where: str) -> None:
+    """train.matryoshka_dims against the embedding width (hidden_size of model.path's config.json)."""
+    path = os.path.join(cfg.model.path, "config.json")
+    try:
+        with open(path) as f:
+            h = json.load(f).get("hidden_size")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"{where}: model.path {cfg.model.path!r}: config.json is not a JSON object") from None
+    dims = cfg.train.matryoshka_dims
+    check_rule(where, "train.matryoshka_dims", dims, h is None or max(dims) <= h,
+               f"dims <= {h}, the hidden size of {cfg.model.path}")
 
 
 # ------------------------------------------------------------------------------------------------ run files

@@ -111,6 +111,7 @@ class UniMoER(nn.Module):
         if cfg.data.rerank_prompt == "bare":
             self.prefix_ids, self.suffix_ids = [], [tok.eos_id]
         check_lengths(cfg, tok, f"tokenizer {tok.source}")
+        self.embed_dim: Optional[int] = None  # the encoder interface's width (set_embed_dim); None = hidden size
 
     # ---- text -> tensors
     def _device(self):
@@ -235,14 +236,17 @@ class UniMoER(nn.Module):
         return out
 
     # ---- evaluate.py's encoder interface (inference: no grad, eval mode)
+    # Embeddings are the first self.embed_dim dims, renormalised (prefix_embeddings; evaluate.py --dim).
     @torch.no_grad()
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64, instruction: Optional[str] = None
                        ) -> np.ndarray:
-        return self._batched(lambda b: self.embed(self.tokens_queries(b, instruction))[0], texts, batch_size)
+        return self._batched(lambda b: prefix_embeddings(self.embed(self.tokens_queries(b, instruction))[0],
+                                                         self.embed_dim), texts, batch_size)
 
     @torch.no_grad()
     def encode_documents(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        return self._batched(lambda b: self.embed(self.tokens_documents(b))[0], texts, batch_size)
+        return self._batched(lambda b: prefix_embeddings(self.embed(self.tokens_documents(b))[0], self.embed_dim),
+                             texts, batch_size)
 
     @property
     def listwise(self) -> bool:
@@ -281,6 +285,23 @@ class UniMoER(nn.Module):
         finally:
             self.train(was_training)
         return torch.cat(outs).numpy() if outs else np.zeros((0,), dtype=np.float32)
+
+
+def prefix_embeddings(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """Matryoshka truncation (Kusupati et al. 2022): x (n, H) -> x[:, :dim] / ||x[:, :dim]|| (n, dim); x itself
+    when dim is None or H (the rows are already unit vectors)."""
+    if dim is None or dim == x.shape[-1]:
+        return x
+    return F.normalize(x[..., :dim], dim=-1)
+
+
+def set_embed_dim(um: UniMoER, n: Optional[int]) -> None:
+    """The encoder interface returns the first n dims of each embedding, renormalised (None: all of them);
+    n must be in [1, hidden size]."""
+    h = um.base.config.hidden_size
+    if n is not None and not (isinstance(n, int) and 1 <= n <= h):
+        raise EvalError(f"dim must be an integer in [1, {h}] (the embedding width of the model), got {n!r}")
+    um.embed_dim = n
 
 
 def has_learned_router(um: UniMoER) -> bool:
@@ -551,7 +572,8 @@ def model_settings(um) -> dict:
             "padding_side": d.padding_side, "pooling": um.cfg.train.pooling, "rerank_head": um.cfg.train.rerank_head,
             "bidirectional": um.cfg.model.bidirectional, "dtype": um.cfg.model.dtype,
             "quant": um.cfg.model.quant,
-            "quant_group": um.cfg.model.quant_group if um.cfg.model.quant == "int4" else None}
+            "quant_group": um.cfg.model.quant_group if um.cfg.model.quant == "int4" else None,
+            "embed_dim": um.embed_dim or um.base.config.hidden_size, "hidden_size": um.base.config.hidden_size}
 
 
 class MTEBEncoder:
