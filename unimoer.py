@@ -257,9 +257,10 @@ class UniMoER(nn.Module):
     @torch.no_grad()
     def encode_prf(self, queries: Sequence[str], doc_lists: Sequence[Sequence[str]], batch_size: int = 16
                    ) -> np.ndarray:
-        """E2Rank's PRF query embeddings (tokens_prf, embed_prf): (n, H) float32, rows L2-normalised."""
+        """E2Rank's PRF query embeddings (tokens_prf, embed_prf): (n, embed_dim) float32, rows L2-normalised."""
         items = list(zip(queries, doc_lists))
-        return self._batched(lambda b: self.embed_prf(self.tokens_prf(*zip(*b)))[0], items, batch_size)
+        return self._batched(lambda b: prefix_embeddings(self.embed_prf(self.tokens_prf(*zip(*b)))[0],
+                                                         self.embed_dim), items, batch_size)
 
     @torch.no_grad()
     def score_list(self, query: str, docs: Sequence[str], batch_size: int = 64) -> np.ndarray:
