@@ -474,6 +474,7 @@ def train_step(run: RunState, autocast) -> tuple:
               for micro in range(t.grad_accum)]  # the step's batch; grad_accum > 1: GradCache chunks
     finite, logs = forward_backward(run.model, um, chunks, cfg, 1 + cfg.data.n_neg, autocast)
     ok = optimizer_step(run.opt, run.params, held, finite, t.clip, run.world, t.max_update_rms)
+    logs.update(moe_lora.update_balance_bias(um.base, run.world, apply=ok))  # router.loss_free_balance (else {})
     run.bad_steps = 0 if ok else run.bad_steps + 1
     if run.bad_steps >= t.max_bad_steps:
         raise NonFiniteError(f"{run.bad_steps} bad steps in a row (non-finite loss or gradient, or an update that "
