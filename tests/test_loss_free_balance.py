@@ -264,3 +264,32 @@ def test_a_tiny_run_logs_maxvio_and_the_bias_and_checkpoints_the_bias(task, tmp_
     torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
     assert float(steps.abs().max()) <= 2 + 1e-4
     assert rows[-1]["lfb_bias"] == pytest.approx(float(biases.abs().max()))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_a_two_rank_run_counts_the_global_batch_and_ends_with_the_bias_of_one_process(task, tmp_path):
+    # The counts are all-reduced before the sign is taken, so two ranks with half the batch each move the bias
+    # exactly as one process on the whole batch does (per-rank counts could take other signs).
+    import socket
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+
+    sections = tiny_setup.merge(LFB, {"train": {"steps": 3, "eval_every": 3, "save_every": 3, "batch_size": 4,
+                                                "warmup_steps": 1}})
+    ddp_dir, one_dir = str(tmp_path / "ddp"), str(tmp_path / "one")
+    cfg_path = tiny_setup.write_config(str(tmp_path / "cfg.yaml"), task, ddp_dir, **sections)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(tiny_setup.REPO, "train.py"), cfg_path]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=tiny_setup.SUBPROCESS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main([cfg_path, f"--train.out_dir={one_dir}"])
+    ddp, one = (load_file(os.path.join(unimoer.checkpoint_dir(d), "adapters.safetensors")) for d in (ddp_dir, one_dir))
+    keys = [k for k in one if k.endswith("balance_bias")]
+    assert keys and any(float(one[k].abs().max()) > 0 for k in keys)
+    for k in keys:
+        assert torch.equal(ddp[k], one[k]), k
