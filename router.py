@@ -3,7 +3,8 @@ the auxiliary losses aux_stats.py's.
 
 Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
 one-hot, or multi-hot), LearnedRouter (linear or learnable-prototype scores on the pooled or per-token block input,
-optional task embedding, LD-MoLE lambda predictor, temperature at train and eval, training-only jitter) and
+optional task embedding, LD-MoLE lambda predictor, temperature at train and eval, training-only jitter, the
+auxiliary-loss-free balancing bias of top-k / DynMoLE selection with its step counts) and
 RetrieverRouter (RouterRetriever: the input embedded by the frozen base, top-1 over pilot embeddings, untrained).
 """
 from __future__ import annotations
