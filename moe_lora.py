@@ -418,7 +418,7 @@ def balance_routers(model) -> list:
 
 @torch.no_grad()
 def update_balance_bias(model, world: int = 1, apply: bool = True) -> dict:
-    """Loss-Free Balancing after an optimizer step (Wang et al. 2024, Alg. 1 lines 4-6): every biased router's
+    """Loss-Free Balancing after an optimizer step (Wang et al. 2024, Alg. 1): every biased router's
     selection counts of the step (its training forwards with grad: each unit once, also under GradCache) are summed
     over the DDP ranks (the global batch), its bias moved by router.loss_free_bias_update, and the counts reset.
 

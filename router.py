@@ -340,7 +340,7 @@ class LearnedRouter(nn.Module):
 
 
 def loss_free_bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
-    """Loss-Free Balancing's update (Wang et al. 2024, arXiv 2408.15664, Alg. 1 lines 4-6; DeepSeek-V3 arXiv
+    """Loss-Free Balancing's update (Wang et al. 2024, arXiv 2408.15664, Alg. 1; DeepSeek-V3 arXiv
     2412.19437 §2.1.2): with c_i the number of units the step assigned to expert i and c_bar their mean over the
     experts, the load violation error e_i = c_bar - c_i and
 
@@ -350,7 +350,7 @@ def loss_free_bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float)
 
 
 def max_violation(counts: torch.Tensor) -> torch.Tensor:
-    """MaxVio (Wang et al. 2024, Eq. 4) of selection counts (..., E): (max_i c_i - c_bar) / c_bar, 0 if no units."""
+    """Wang et al. 2024's MaxVio of selection counts (..., E): (max_i c_i - c_bar) / c_bar, 0 if no units."""
     mean = counts.mean(-1)
     return torch.where(mean > 0, (counts.amax(-1) - mean) / mean.clamp(min=1e-12), torch.zeros_like(mean))
 

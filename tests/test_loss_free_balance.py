@@ -180,6 +180,15 @@ def test_gradcache_counts_each_unit_once_and_gives_the_same_bias_as_one_chunk(ta
     assert any(b.abs().sum() > 0 for b in b1)  # the step moved the bias
 
 
+def test_dev_evaluation_in_the_middle_of_training_counts_nothing(task, tmp_path):
+    # train.py evaluates between steps with the model left in training mode: the encoders switch to eval/no-grad
+    import evaluate
+    cfg, um = build(tmp_path, task, **LFB)
+    um.train()
+    evaluate.dev_evaluate(um, evaluate.load_dev(cfg), cfg)
+    assert all(r.balance_counts is None for r in moe_lora.balance_routers(um.base))
+
+
 # --------------------------------------------------------------------------------------------- files and config
 def test_the_bias_is_saved_in_the_adapters_and_loaded_back(task, tmp_path):
     cfg, um = build(tmp_path, task, **LFB)
