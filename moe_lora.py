@@ -32,13 +32,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quant import QuantLinear
-from router import BASE_EMBEDDING, LearnedRouter, RetrieverRouter, RouterConfig, TaskRouter, pool
+from router import BASE_EMBEDDING, LearnedRouter, RetrieverRouter, RouterConfig, TaskRouter, max_violation, pool
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -125,6 +126,10 @@ class MoELoRAConfig:
             bad("shared_expert", f"must name one of the experts {names}")
         self.router.validate()
         rc, routed = self.router, self.routed_experts
+        if rc.loss_free_balance and rc.top_k >= len(routed):
+            raise ValueError(f"router.top_k: {rc.top_k} selects every one of the {len(routed)} routed experts "
+                             f"{routed}, so router.loss_free_balance has no selection to bias; lower top_k (or route "
+                             "the shared expert: adapters.shared routed)")
         if rc.kind == "retriever":
             unlisted = [n for n in routed if not any(n in exps for exps in rc.task_experts.values())]
             if unlisted:
@@ -439,6 +444,38 @@ def adapter_state_dict(model) -> dict:
 def adapter_parameters(model) -> list:
     """The trainable parameters (for the optimizer)."""
     return [p for p in adapter_state_dict(model).values() if isinstance(p, nn.Parameter)]
+
+
+# --------------------------------------------------------------------------------------------- loss-free balancing
+def balance_routers(model) -> list:
+    """The LearnedRouters with router.loss_free_balance on, in module order (the same on every rank)."""
+    return [m for m in model.modules() if isinstance(m, LearnedRouter) and m.cfg.loss_free_balance]
+
+
+@torch.no_grad()
+def update_balance_bias(model, world: int = 1, apply: bool = True) -> dict:
+    """Loss-Free Balancing after an optimizer step (Wang et al. 2024, Alg. 1): every biased router's
+    selection counts of the step (its training forwards with grad: each unit once, also under GradCache) are summed
+    over the DDP ranks (the global batch), its bias moved by router.loss_free_bias_update, and the counts reset.
+
+    apply=False (a skipped or undone step, the same on every rank): the counts are dropped, the bias kept (the step
+    did not happen). -> {"lfb_maxvio": mean over the routers of the step's MaxVio, "lfb_bias": max_i |b_i| over the
+    routers after the update} for the log; {} without biased routers or when not applied."""
+    routers = balance_routers(model)
+    if not routers:
+        return {}
+    counts = torch.stack([r.balance_counts if r.balance_counts is not None else torch.zeros_like(r.balance_bias)
+                          for r in routers])  # (L, E)
+    for r in routers:
+        r.balance_counts = None
+    if not apply:
+        return {}
+    if world > 1:
+        dist.all_reduce(counts)
+    for r, c in zip(routers, counts):
+        r.update_balance_bias(c)
+    return {"lfb_maxvio": float(max_violation(counts).mean()),
+            "lfb_bias": max(float(r.balance_bias.abs().max()) for r in routers)}
 
 
 # --------------------------------------------------------------------------------------------- RouterRetriever

@@ -3,7 +3,8 @@ the auxiliary losses aux_stats.py's.
 
 Routers (nn.Modules built by moe_lora.attach from RouterConfig): TaskRouter (fixed weights from task ids: Hard-Switch
 one-hot, or multi-hot), LearnedRouter (linear or learnable-prototype scores on the pooled or per-token block input,
-optional task embedding, LD-MoLE lambda predictor, temperature at train and eval, training-only jitter) and
+optional task embedding, LD-MoLE lambda predictor, temperature at train and eval, training-only jitter, the
+auxiliary-loss-free balancing bias of top-k / DynMoLE selection with its step counts) and
 RetrieverRouter (RouterRetriever: the input embedded by the frozen base, top-1 over pilot embeddings, untrained).
 """
 from __future__ import annotations
@@ -18,11 +19,15 @@ import torch.nn.functional as F
 
 from aux_stats import (AUX_LOSSES, dynmole_load_balance_stat, entropy_stat, lambda_mean_stat, lambda_sparsity_stat,
                        ldmole_load_balance_stat, load_balance_stat, tsallis_stat, z_loss_stat)
-from routing_fns import (ROUTING_FNS, dynmole_hybrid, entmax15, entmax_bisect, softmax, sparsegen_lin, sparsemax,
-                         topk_softmax, upcast)
+from routing_fns import (ROUTING_FNS, dynmole_hybrid, dynmole_keep, entmax15, entmax_bisect, softmax, sparsegen_lin,
+                         sparsemax, topk_indices, topk_softmax, upcast)
 
 ROUTER_KINDS = ("task", "learned", "retriever")
 LDMOLE_EPS = 1e-2  # LD-MoLE: lambda = logsigmoid(MLP(x)) + 1 - eps (GlobalSparsegen eps)
+# router.loss_free_balance applies to the routers that SELECT experts apart from weighing them: top-k (the paper's
+# rule) and DynMoLE's top-p (our carry-over, routing_fns.dynmole_keep). softmax selects nothing; sparsemax, sparsegen
+# and entmax have no selection step apart from their weights (the support is where the weights are > 0).
+LOSS_FREE_FNS = ("topk", "dynmole")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -62,6 +67,11 @@ class RouterConfig:
     normalize_input: bool = True  # parameter-free RMS norm of the router input (the block input is un-normed)
     jitter: float = 0.0  # training only: router input scaled by U(1 - jitter, 1 + jitter) (Switch)
     temperature: float = 1.0  # scores divided by it, at train and eval alike (one router function)
+    # Auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3): a per-expert bias b added to the gating
+    # scores softmax(z) for the selection only (fn topk or dynmole, kind learned), after each applied optimizer step
+    # b_i += bias_update_rate * sign(mean_j c_j - c_i), c = the step's selection counts (moe_lora.update_balance_bias)
+    loss_free_balance: bool = False
+    bias_update_rate: float = 0.001  # u, the paper's value
     # computed when grad is enabled, each where it applies (tsallis: any learned router; lambda_*: lambda predictor)
     aux_losses: list = field(default_factory=lambda: list(AUX_LOSSES))
 
@@ -117,6 +127,15 @@ class RouterConfig:
             bad("jitter", "must be in [0, 1)")
         if self.task_embed_dim < 0 or self.lambda_hidden < 1:
             bad("task_embed_dim" if self.task_embed_dim < 0 else "lambda_hidden", "out of range")
+        if not self.bias_update_rate > 0:
+            bad("bias_update_rate", "must be > 0")
+        if self.loss_free_balance and self.kind != "learned":
+            bad("loss_free_balance", f"needs a learned router (router.kind is {self.kind!r}: a task router or "
+                                     "RouterRetriever has no scores to bias)")
+        if self.loss_free_balance and self.fn not in LOSS_FREE_FNS:
+            bad("fn", f"router.loss_free_balance biases the expert selection of fn {' or '.join(LOSS_FREE_FNS)}; "
+                      "softmax selects nothing, and sparsemax / sparsegen / entmax have no selection apart from "
+                      "their weights")
         unknown = [a for a in self.aux_losses if a not in AUX_LOSSES]
         if unknown:
             bad("aux_losses", f"unknown {unknown}; known: {', '.join(AUX_LOSSES)}")
@@ -203,6 +222,11 @@ class LearnedRouter(nn.Module):
         else:  # one learnable prototype per expert, random at init
             self.proj = None
             self.prototypes = nn.Parameter(torch.randn(n_experts, in_dim))
+        if cfg.loss_free_balance:  # persistent: saved in adapters.safetensors; absent when off (older runs load)
+            self.register_buffer("balance_bias", torch.zeros(n_experts))  # (E,) b, not trained by the optimizer
+        # (E,) selection counts of this optimizer step's units (grad-enabled training forwards), or None. A plain
+        # attribute, not a buffer: DDP would broadcast a buffer from rank 0; moe_lora.update_balance_bias sums ranks.
+        self.balance_counts: Optional[torch.Tensor] = None
         uses_lambda = cfg.fn == "sparsegen" and cfg.lambda_predictor
         self.lam = LambdaPredictor(in_dim, cfg.lambda_hidden) if uses_lambda and shared_lambda is None else None
         self._shared_lam = (shared_lambda,) if uses_lambda and shared_lambda is not None else ()  # not registered
@@ -241,10 +265,11 @@ class LearnedRouter(nn.Module):
         h = self.features(x, ctx)
         logits = self.scores(h)
         fn, lam = cfg.fn, None
+        bias = self.balance_bias if cfg.loss_free_balance else None
         if fn == "softmax":
             w = softmax(logits)
         elif fn == "topk":
-            w = topk_softmax(logits, cfg.top_k)
+            w = topk_softmax(logits, cfg.top_k, bias)
         elif fn == "sparsemax":
             w = sparsemax(logits)
         elif fn == "sparsegen":
@@ -256,11 +281,36 @@ class LearnedRouter(nn.Module):
         elif fn == "entmax_bisect":
             w = entmax_bisect(logits, cfg.alpha)
         else:
-            w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q)
+            w = dynmole_hybrid(logits, cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q, bias)
+        if bias is not None and self.training and torch.is_grad_enabled() and not ctx.done:
+            self.count_selection(logits, w, ctx)  # not GradCache's no-grad pass, a checkpoint recompute, or eval
         # In training mode also under no_grad: GradCache's representation pass needs the step's statistics (train.py).
         aux = self.aux_stats(logits, w, lam, ctx) if cfg.aux_losses and (self.training or torch.is_grad_enabled()) \
             else {}
         return w, aux
+
+    @torch.no_grad()
+    def count_selection(self, logits: torch.Tensor, w: torch.Tensor, ctx) -> None:
+        """Add this call's selection counts c_i = number of units that selected expert i (sequences, or non-pad
+        tokens) to balance_counts. The selection is recomputed as the forward made it (a selected expert whose
+        weight underflows to 0 still counts)."""
+        cfg, bias = self.cfg, self.balance_bias
+        if cfg.fn == "topk":
+            sel = torch.zeros_like(w).scatter(-1, topk_indices(logits, cfg.top_k, bias), 1.0) \
+                if cfg.top_k < w.shape[-1] else torch.ones_like(w)
+        else:
+            sel = dynmole_keep(softmax(logits), cfg.top_p, cfg.top_k, cfg.entropy_threshold, cfg.tsallis_q,
+                               bias).to(w.dtype)
+        if sel.dim() == 3:  # per token: padding excluded
+            sel = sel * ctx.attention_mask.to(sel)[..., None]
+        c = sel.reshape(-1, sel.shape[-1]).sum(0)  # (E,)
+        self.balance_counts = c if self.balance_counts is None else self.balance_counts + c
+
+    @torch.no_grad()
+    def update_balance_bias(self, counts: torch.Tensor) -> None:
+        """b <- loss_free_bias_update(b, counts, u) with the step's counts (E,) (over all ranks)."""
+        self.balance_bias.copy_(loss_free_bias_update(self.balance_bias, counts.to(self.balance_bias),
+                                                      self.cfg.bias_update_rate))
 
     def aux_stats(self, logits: torch.Tensor, w: torch.Tensor, lam: Optional[torch.Tensor], ctx) -> dict:
         """{name: AuxStat} of the listed aux losses that apply to this router (see the module docstring)."""
@@ -287,6 +337,22 @@ class LearnedRouter(nn.Module):
         if lam is not None and "lambda_mean" in want:
             aux["lambda_mean"] = lambda_mean_stat(lam, mask)
         return aux
+
+
+def loss_free_bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """Loss-Free Balancing's update (Wang et al. 2024, arXiv 2408.15664, Alg. 1; DeepSeek-V3 arXiv
+    2412.19437 §2.1.2): with c_i the number of units the step assigned to expert i and c_bar their mean over the
+    experts, the load violation error e_i = c_bar - c_i and
+
+        b_i <- b_i + u * sign(e_i)
+    (an overloaded expert's bias falls by u, an underloaded one's rises by u, an exactly average one stays)."""
+    return bias + rate * torch.sign(counts.mean(-1, keepdim=True) - counts)
+
+
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """Wang et al. 2024's MaxVio of selection counts (..., E): (max_i c_i - c_bar) / c_bar, 0 if no units."""
+    mean = counts.mean(-1)
+    return torch.where(mean > 0, (counts.amax(-1) - mean) / mean.clamp(min=1e-12), torch.zeros_like(mean))
 
 
 class RetrieverRouter(nn.Module):

@@ -6,6 +6,7 @@ stays float64, which is what gradcheck needs). Names and references:
 
     softmax(z)                dense
     topk_softmax(z, k)        softmax over the k largest scores, 0 elsewhere (Shazeer et al. 2017)
+                              (bias: loss-free balancing's selection by softmax(z) + b, Wang et al. 2024)
     sparsemax(z)              Euclidean projection onto the simplex (Martins & Astudillo 2016)
     sparsegen_lin(z, lam)     sparsemax(z / (1 - lam)), lam < 1 (Laha et al. 2018; LD-MoLE predicts lam)
     entmax15(z)               1.5-entmax, exact sort-based (Peters et al. 2019)
@@ -13,8 +14,14 @@ stays float64, which is what gradcheck needs). Names and references:
     dynmole_hybrid(z, ...)    DynMoLE: normalised Tsallis entropy (q = 1.1) above a threshold -> all experts,
                               else the experts with cumulative mass <= top_p, at least top-k; the softmax weights
                               are NOT renormalised (mikecovlee/DynMoLE, _dynamic_routing)
+
+bias (E,), where a function takes it: auxiliary-loss-free load balancing (Wang et al. 2024, arXiv 2408.15664,
+Eq. 3; DeepSeek-V3 inference/model.py Gate): b is added to the gating scores s = softmax(z) for the SELECTION of
+the experts only; the weights of the selected experts come from the unbiased scores, as the function computes them.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -32,13 +39,27 @@ def softmax(z: torch.Tensor) -> torch.Tensor:
     return torch.softmax(upcast(z), dim=-1)
 
 
-def topk_softmax(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Softmax over the k largest scores, zeros elsewhere (ties broken by torch.topk)."""
+def topk_indices(z: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., k) indices of the selected experts: the k largest scores z, or, with a loss-free-balance bias b (E,),
+    the k largest s_i + b_i with s = softmax(z) (Wang et al. 2024 Eq. 3: TopK({s_j + b_j}, K); the bias is added
+    to the gating scores after the score function, as DeepSeek-V3's Gate). Ties broken by torch.topk."""
+    z = upcast(z)
+    if bias is None:
+        return z.topk(k, dim=-1).indices
+    return (torch.softmax(z, dim=-1) + bias.to(z.dtype)).topk(k, dim=-1).indices
+
+
+def topk_softmax(z: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax over the k selected scores (topk_indices), zeros elsewhere:
+
+        w_i = exp(z_i) / sum_{j in S} exp(z_j) for i in S, 0 elsewhere
+    The selection S may use a loss-free-balance bias; the weights never do (they are the unbiased softmax scores of
+    the selected experts, renormalised over S, which is what softmax over their logits is)."""
     z = upcast(z)
     if k >= z.shape[-1]:
         return torch.softmax(z, dim=-1)
-    vals, idx = z.topk(k, dim=-1)
-    return torch.zeros_like(z).scatter(-1, idx, torch.softmax(vals, dim=-1))
+    idx = topk_indices(z, k, bias)
+    return torch.zeros_like(z).scatter(-1, idx, torch.softmax(z.gather(-1, idx), dim=-1))
 
 
 class _Sparsemax(torch.autograd.Function):
@@ -169,15 +190,21 @@ def tsallis_entropy(p: torch.Tensor, q: float = 1.1, normalize: bool = True,
 
 
 def dynmole_keep(p: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
-                 q: float = 1.1) -> torch.Tensor:
+                 q: float = 1.1, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DynMoLE's expert mask (..., E) bool on routing probabilities p, as mikecovlee/DynMoLE _dynamic_routing:
 
         sort p descending; keep expert j (in that order) iff cumsum_{i<=j} p_(i) <= top_p  (its own mass included)
         keep the first min_k of the order in any case (keep_top_k)
         if threshold < 1: keep every expert where the normalised Tsallis entropy S_q(p + 1e-5) > threshold
     Ties are ordered by torch.sort (as in the reference).
+
+    bias (E,): loss-free balancing carried over to top-p (our rule; the paper defines top-K only): the ORDER is that
+    of the biased scores p + b, the cumulative mass still that of the unbiased p (the weights the kept experts get),
+    and the entropy test is on p. b = 0 gives the plain mask exactly (p + 0 is p).
     """
-    ps, idx = p.sort(dim=-1, descending=True)
+    order = p if bias is None else p + bias.to(p.dtype)
+    idx = order.sort(dim=-1, descending=True).indices
+    ps = p.gather(-1, idx)
     keep_sorted = ps.cumsum(-1) <= top_p
     keep_sorted[..., :min_k] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
@@ -187,11 +214,12 @@ def dynmole_keep(p: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold
 
 
 def dynmole_hybrid(z: torch.Tensor, top_p: float = 0.75, min_k: int = 2, threshold: float = 0.9,
-                   q: float = 1.1) -> torch.Tensor:
-    """DynMoLE hybrid routing: p = softmax(z), w = p * dynmole_keep(p) (see there).
+                   q: float = 1.1, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DynMoLE hybrid routing: p = softmax(z), w = p * dynmole_keep(p) (see there; bias: loss-free balancing's
+    selection only).
 
     The kept weights are NOT renormalised (they sum to <= 1), as the reference multiplies p by its mask.
     Reference defaults: top_p 0.75, keep_top_k 2, entropy_threshold 0.9, entropy_index q 1.1 (DynMoleConfig).
     """
     p = softmax(z)
-    return p * dynmole_keep(p, top_p, min_k, threshold, q)
+    return p * dynmole_keep(p, top_p, min_k, threshold, q, bias)

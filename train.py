@@ -540,6 +540,7 @@ def train_step(run: RunState, autocast) -> tuple:
     ok = optimizer_step(run.opt, run.params, held, finite, t.clip, run.world, t.max_update_rms)
     if ok and method is not None:  # the task weights move on applied steps only
         method.after_step(lambda: step_task_losses(um, chunks, cfg, group, autocast))
+    logs.update(moe_lora.update_balance_bias(um.base, run.world, apply=ok))  # router.loss_free_balance (else {})
     run.bad_steps = 0 if ok else run.bad_steps + 1
     if run.bad_steps >= t.max_bad_steps:
         raise NonFiniteError(f"{run.bad_steps} bad steps in a row (non-finite loss or gradient, or an update that "
