@@ -5,11 +5,13 @@ import json
 import os
 
 import pytest
+import torch
 
 import dryrun
+import moe_lora
 import train
-from config import load_config
-from model import ModelConfig
+from config import adapter_config, load_config
+from model import CausalLM, ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF = os.path.join(REPO, "tests", "data", "hf_configs")
@@ -146,3 +148,37 @@ def test_grad_checkpointing_keeps_block_inputs_and_one_layer(tmp_path):
 def test_tiny_model_config_reads_like_the_published_ones():
     # the test fixture itself goes through model.py's config reader (no unknown or missing keys)
     assert ModelConfig.from_hf_dict(TINY).qk_norm
+
+
+def test_activation_formula_is_within_10_percent_of_what_autograd_saves(tmp_path, one_thread):
+    # Independent check of activation_bytes_per_token: a real (tiny, bf16) base with joint_moe's experts, one
+    # forward with grad on CPU, and the bytes of every tensor autograd saves for backward (unique storages,
+    # parameters and buffers excluded), per token and layer. No padding, so SDPA's causal path (the formula's k/v
+    # expansion under a GPU padding mask is a small part here: a (2q - 2kv) = 128 of ~16 KB).
+    d = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 192,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+         "tie_word_embeddings": True}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(d, f)
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
+                      [f"--model.path={tmp_path}", "--model.dtype=bfloat16", "--train.mode=joint_moe"])
+    mc = ModelConfig.from_hf_dict(d)
+    torch.manual_seed(0)
+    base = CausalLM(mc).to(torch.bfloat16)
+    base.requires_grad_(False)
+    moe_lora.attach(base, adapter_config(cfg))
+    base.train()
+    fixed = {t.untyped_storage().data_ptr() for t in list(base.parameters()) + list(base.buffers())}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in fixed:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    B, T = 4, 32
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base(torch.randint(0, 64, (B, T)), torch.ones(B, T, dtype=torch.long))
+    measured = sum(saved.values()) / (B * T * mc.num_hidden_layers)
+    assert dryrun.activation_bytes_per_token(mc, cfg) == pytest.approx(measured, rel=0.10)
