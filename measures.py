@@ -1,9 +1,11 @@
 """The measures analysis.py reports, each a small function of arrays or tensors: linear CKA, the task interference
-ratio and its paired bootstrap, gradient cosines per tensor group, an expert's delta spectrum, principal angles
-and effective rank. Model-free except expert_delta_svd (one MoE-LoRA linear's slices)."""
+ratio and its paired bootstrap, the significance tests of a comparison (paired bootstrap over queries, Almost
+Stochastic Order over seeds, Bonferroni over datasets), gradient cosines per tensor group, an expert's delta
+spectrum, principal angles and effective rank. Model-free except expert_delta_svd (one MoE-LoRA linear's slices)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from statistics import NormalDist
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +51,100 @@ def paired_bootstrap(diff, n_resamples: int = 10000, seed: int = 0, chunk: int =
     p = (1 + int(np.sum(np.abs(means - m) >= abs(m)))) / (1 + n_resamples)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean": m, "ci95": [float(lo), float(hi)], "p_value": p, "n_resamples": n_resamples, "seed": seed}
+
+
+def paired_bootstrap_test(scores_a, scores_b, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Paired bootstrap test of two systems over queries (Koehn 2004, "Statistical Significance Tests for Machine
+    Translation Evaluation"; Sakai 2006, "Evaluating Evaluation Metrics based on the Bootstrap", SIGIR).
+
+    scores_a, scores_b (Q,) per-query metric of the two systems on the same queries (or (S, Q): seeds too, both
+    levels resampled). d_q = a_q - b_q; B resamples of the queries with replacement give the means m_b; under the
+    null the mean is 0, so the bootstrap distribution is shifted to it (Sakai's shifted null, Efron & Tibshirani
+    1993 Alg. 16.1 with the unstudentised mean): p = (1 + #{|m_b - m| >= |m|}) / (1 + B), two-sided. Identical
+    systems give p = 1; a constant shift c != 0 gives every m_b = m, so p = 1 / (1 + B). -> paired_bootstrap's
+    dict (mean = mean of a - b, ci95, p_value, n_resamples, seed)."""
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap_test: the two systems' scores differ in shape ({a.shape} vs {b.shape}); "
+                         "a paired test needs the same queries in the same order")
+    return paired_bootstrap(a - b, n_resamples, seed)
+
+
+def empirical_quantile(x, t) -> np.ndarray:
+    """F^-1(t) of the empirical distribution of x (..., n) at t (T,): the ceil(n t)-th smallest value (1-based,
+    clipped to [1, n]), the rule of Dror et al.'s code and deepsig. -> (..., T)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
+    n = x.shape[-1]
+    idx = np.clip(np.ceil(n * np.asarray(t)).astype(np.int64) - 1, 0, n - 1)
+    return x[..., idx]
+
+
+def violation_ratio(scores_a, scores_b, dt: float = 0.005) -> np.ndarray:
+    """ASO's violation ratio (Dror et al. 2019, eqs. 4-5): the share of the squared Wasserstein-2 distance between
+    A's and B's score distributions where A is below B,
+
+        eps_W2(F, G) = int_{V_X} (F^-1(t) - G^-1(t))^2 dt / int_0^1 (F^-1(t) - G^-1(t))^2 dt,
+        V_X = {t in (0, 1): F^-1(t) < G^-1(t)}
+
+    by the rectangle rule on t = dt, 2 dt, ... < 1 (both integrals on the same points, as in the paper and Dror's
+    code; deepsig 1.2.8 leaves the first point out of the numerator only). 0 = A stochastically dominates B; 0.5
+    when the distributions are equal (W2 = 0; deepsig's convention). scores (..., n) and (..., m) batch over the
+    leading axes."""
+    t = np.arange(dt, 1, dt)
+    f, g = empirical_quantile(scores_a, t), empirical_quantile(scores_b, t)  # (..., T)
+    sq = (f - g) ** 2 * dt
+    w2 = sq.sum(-1)
+    violated = np.where(f < g, sq, 0.0).sum(-1)
+    return np.where(w2 > 0, violated / np.where(w2 > 0, w2, 1.0), 0.5)
+
+
+def aso(scores_a, scores_b, confidence_level: float = 0.95, num_comparisons: int = 1, n_bootstrap: int = 1000,
+        dt: float = 0.005, seed: int = 0) -> dict:
+    """Almost Stochastic Order (del Barrio et al. 2018; Dror et al. 2019, "Deep Dominance - How to Properly Compare
+    Deep Neural Models", ACL; official code github.com/rtmdrr/DeepComparison, reference package deepsig.aso).
+
+    scores_a (n,), scores_b (m,): e.g. one score per training seed, higher = better; A is the system suspected to
+    be better. The test's statistic is the upper confidence bound of the violation ratio (Dror et al., Sec. 3):
+
+        eps_min = eps_W2(F_n, G_m) - sqrt((n + m) / (n m)) * sigma_hat * Phi^-1(alpha),   clipped to [0, 1]
+
+    with alpha = 1 - confidence_level, Bonferroni-corrected over k = num_comparisons to alpha / k (deepsig 1.2.8
+    writes confidence_level + alpha / k, which is alpha / k for k = 2 only: alpha (1 - 1/k) otherwise), and sigma_hat the bootstrap standard deviation (np.std, ddof 0) of
+    sqrt(n m / (n + m)) * (eps_W2(F*_n, G*_m) - eps_W2(F_n, G_m)) over n_bootstrap resamples: n draws from A's
+    and m from B's empirical distribution, independently (the paper's rule and deepsig's; Dror's script draws
+    N = M = 1000 instead). eps_min < 0.5: A is almost stochastically better than B at that confidence; 0: A
+    dominates. Seeded (numpy default_rng(seed)), so deterministic; a different seed moves eps_min by the Monte-Carlo
+    error of sigma_hat only.
+
+    -> {"eps_min", "violation_ratio", "sigma", "confidence_level" (after Bonferroni), "bootstrap": (n_bootstrap,)
+    resampled violation ratios, "n_bootstrap", "seed"}.
+    """
+    a, b = np.asarray(scores_a, dtype=np.float64).ravel(), np.asarray(scores_b, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("aso: both score lists must be non-empty")
+    if not 0 < confidence_level < 1 or num_comparisons < 1 or n_bootstrap < 2:
+        raise ValueError(f"aso: need 0 < confidence_level < 1, num_comparisons >= 1, n_bootstrap >= 2 (got "
+                         f"{confidence_level}, {num_comparisons}, {n_bootstrap})")
+    n, m = a.size, b.size
+    eps = float(violation_ratio(a, b, dt))
+    rng = np.random.default_rng(seed)
+    boot = violation_ratio(a[rng.integers(n, size=(n_bootstrap, n))], b[rng.integers(m, size=(n_bootstrap, m))], dt)
+    const = np.sqrt(n * m / (n + m))
+    sigma = float(np.std(const * (boot - eps)))
+    level = 1 - (1 - confidence_level) / num_comparisons  # Bonferroni: alpha / k
+    eps_min = float(np.clip(eps - sigma / const * NormalDist().inv_cdf(1 - level), 0.0, 1.0))
+    return {"eps_min": eps_min, "violation_ratio": eps, "sigma": sigma, "confidence_level": level,
+            "bootstrap": boot, "n_bootstrap": n_bootstrap, "seed": seed}
+
+
+def bonferroni(p_values: Sequence[float], alpha: float = 0.05) -> dict:
+    """Bonferroni correction over m tests (e.g. one per dataset): each is significant at familywise level alpha
+    when p <= alpha / m. -> {"alpha": alpha, "m", "threshold": alpha / m, "significant": [bool per test]}."""
+    if not 0 < alpha < 1 or not len(p_values):
+        raise ValueError(f"bonferroni: need 0 < alpha < 1 and at least one p-value (got {alpha}, {len(p_values)})")
+    threshold = alpha / len(p_values)
+    return {"alpha": alpha, "m": len(p_values), "threshold": threshold,
+            "significant": [bool(p <= threshold) for p in p_values]}
 
 
 def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed: int = 0) -> dict:

@@ -5,6 +5,7 @@
     python train.py configs/tiny.yaml --resume                          # continue from <out_dir>'s latest checkpoint
     python train.py configs/tiny.yaml --overwrite                       # delete the run in <out_dir>, start afresh
     python train.py configs/tiny.yaml --debug                           # a bad input's traceback (else: one line)
+    python train.py configs/qwen3_4b.yaml --dry-run --gpus=8            # parameters, memory per GPU (dryrun.py)
     torchrun --nproc_per_node=8 train.py configs/joint_moe.yaml         # DDP (nccl on GPU, gloo on CPU)
 
 Reading order: check_inputs -> the training loop: one step (forward_backward, GradCache for grad_accum > 1;
@@ -32,6 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import dryrun
 import moe_lora
 import mtl
 import quant
@@ -412,10 +414,12 @@ def prepare(cfg: Config, rank: int) -> Config:
 
 
 def main(argv: Sequence[str]) -> None:
+    if "--dry-run" in argv:  # the model on the meta device: counts and memory, nothing read or written
+        return dryrun.main([a for a in argv if a != "--dry-run"])
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
     if not args or args[0].startswith("--"):
         raise UsageError("usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume | --overwrite] "
-                         "[--debug]")
+                         "[--dry-run [--gpus=N]] [--debug]")
     cfg = load_config(args[0], args[1:])
     check_inputs(cfg, args[0] + (" (with overrides)" if args[1:] else ""))
     resume, overwrite = "--resume" in argv, "--overwrite" in argv
