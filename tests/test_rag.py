@@ -264,3 +264,13 @@ def test_a_missing_qa_file_is_one_clear_cli_error(run, task, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"rag.py: error: {missing}: QA file not found")
     assert f"python synthetic.py {task} --qa" in err[0]  # the synthetic task says how to write one
+
+
+def test_a_malformed_qa_line_stops_the_cli_with_one_line_naming_it(run, task, tmp_path, capsys):
+    # the QA file is read before any model loads: one stderr line, exit code 2, nothing written
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"id": "a", "question": "q", "answers": ["x"]}\n{"id": "b", "question": "q"}\n')
+    out = tmp_path / "out"
+    assert rag.cli([run, "--data", task, "--qa", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'rag.py: error: {path}:2: missing "answers"'] and not out.exists()
