@@ -131,6 +131,35 @@ def load_qrels(data_dir: str, split: str) -> dict:
     return qrels
 
 
+def load_qa(path: str) -> list:
+    """A QA file (rag.py's input), one {"id": str, "question": str, "answers": [str, ...]} per line (the NQ-open /
+    TriviaQA layout) -> those dicts in file order. An integer id becomes a string, other keys are ignored; the
+    question and every answer must be non-empty strings, the answers a non-empty list; a repeated id is an error
+    naming both lines."""
+    out, first_line = [], {}
+    for lineno, obj in _jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("id", "question", "answers"):
+            if key not in obj:
+                raise DataError(f"{where}: missing \"{key}\"")
+        i = obj["id"]
+        if isinstance(i, bool) or not isinstance(i, (str, int)) or i == "":
+            raise DataError(f"{where}: \"id\" must be a non-empty string, got {i!r}")
+        i = str(i)
+        if i in first_line:
+            raise DataError(f"{where}: duplicate id {i!r} (first at line {first_line[i]})")
+        if not isinstance(obj["question"], str) or not obj["question"].strip():
+            raise DataError(f"{where}: \"question\" must be a non-empty string")
+        answers = obj["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{where}: \"answers\" must be a non-empty list of non-empty strings, got {answers!r}")
+        first_line[i] = lineno
+        out.append({"id": i, "question": obj["question"], "answers": list(answers)})
+    if not out:
+        raise DataError(f"{path}: no QA example (the file is empty)")
+    return out
+
+
 def doc_text(doc: dict) -> str:
     """A BEIR document as one string, the way BEIR and sentence-transformers do: (title + " " + text).strip()."""
     return (doc.get("title", "") + " " + doc.get("text", "")).strip()

@@ -157,7 +157,7 @@ def check_device(device: str) -> None:
         raise EvalError("device 'cuda': CUDA is not available")
 
 
-def _git_commit() -> tuple:
+def git_commit() -> tuple:
     """(commit, dirty) of the repository holding this file, or (None, None)."""
     repo = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -433,7 +433,7 @@ def eval_costs(um, rr, es: EvalSet, runs: dict, times: dict, dev, world: int, ba
 def eval_provenance(info: dict, rr, rr_info, um, es: EvalSet, dev, world: int, max_queries, index: str,
                     drop_self: str, candidates) -> dict:
     """metrics.json's "provenance": which model, read how, on which data, with which code (wall_s set last)."""
-    commit, dirty = _git_commit()
+    commit, dirty = git_commit()
     return {
         "checkpoint": info["path"], "checkpoint_dir": info["checkpoint_dir"], "mode": info["mode"],
         "adapters_sha256": info["adapters_sha256"], "base_model": info["base_model"],

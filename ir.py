@@ -2,7 +2,7 @@
 the atomic text writer every output file of the project goes through).
 
 Reading order: ranking rule (rank_documents) -> per-query metrics -> evaluate_run -> self-hits -> TREC run files
--> QA answers (EM / F1).
+-> QA answers (EM / F1, answer recall).
 
 Metrics (trec_eval conventions, as BEIR computes them through pytrec_eval)
 ---------------------------------------------------------------------------
@@ -314,3 +314,15 @@ def qa_scores(prediction: str, answers: Sequence[str]) -> dict:
         raise EvalError(f"a QA example needs a non-empty list of gold answers, got {answers!r}")
     return {"em": max(exact_match(prediction, a) for a in answers),
             "f1": max(token_f1(prediction, a) for a in answers)}
+
+
+def has_answer(text: str, answers: Sequence[str]) -> bool:
+    """Answer recall's test (DPR, Karpukhin et al. 2020, dpr/data/qa_validation.py has_answer, "string" match;
+    SQuAD's normalisation here instead of DPR's SimpleTokenizer, so both sides read alike): some gold
+    answer's normalised tokens occur as a contiguous run of the normalised tokens of `text`."""
+    tokens = normalize_answer(text).split()
+    for answer in answers:
+        a = normalize_answer(answer).split()
+        if a and any(tokens[i:i + len(a)] == a for i in range(len(tokens) - len(a) + 1)):
+            return True
+    return False

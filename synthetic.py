@@ -1,7 +1,8 @@
-"""The built-in synthetic task behind the tiny default config: a BEIR folder + train.jsonl + a small BPE tokenizer,
-written atomically, byte-identical for the same arguments.
+"""The built-in synthetic task behind the tiny default config: a BEIR folder + train.jsonl + a small BPE tokenizer
++ a QA file, written atomically, byte-identical for the same arguments.
 
     python synthetic.py OUT_DIR [--seed N]
+    python synthetic.py OUT_DIR --qa      # (re)write OUT_DIR/qa.jsonl of an existing task (one written before it)
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Sequence
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from config import RERANK_PREFIX, RERANK_SUFFIX, format_query, format_rerank_pair
-from data import QRELS_HEADER, build_dir_atomically, write_train_jsonl
+from data import QRELS_HEADER, DataError, build_dir_atomically, load_corpus, load_qrels, load_queries, \
+    write_train_jsonl
 from ir import write_text_atomic
 from model import ArgumentParser, run_cli
 
@@ -90,7 +92,8 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     the next call; an existing out_dir is kept as it is.
 
     Files: corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv (disjoint query sets), train.jsonl,
-    tokenizer.json + tokenizer_config.json, lexicon.json. Returns a small summary dict.
+    tokenizer.json + tokenizer_config.json, lexicon.json, and qa.jsonl (make_synthetic_qa, from the files before it
+    only: they are what they were before qa.jsonl existed). Returns a small summary dict.
     """
     n_eval = n_dev + n_test
     _check_arguments(n_docs, n_train, n_eval, n_concepts, n_forms, concepts_per_doc, n_neg, random_negs, doc_filler)
@@ -115,8 +118,11 @@ def make_synthetic(out_dir: str, seed: int = 0, n_docs: int = 2000, n_train: int
     splits = {"train": range(0, n_train), "dev": range(n_train, n_train + n_dev),
               "test": range(n_train + n_dev, n_train + n_eval)}
     qrels = {split: [(qid[i], did[targets[i][0]]) for i in rows] for split, rows in splits.items()}
-    build_dir_atomically(out_dir, lambda tmp: _write_task(tmp, did, doc_texts, qid, queries, qrels, train_lines,
-                                                          lexicon, tok))
+    def write(tmp):
+        _write_task(tmp, did, doc_texts, qid, queries, qrels, train_lines, lexicon, tok)
+        make_synthetic_qa(tmp)
+
+    build_dir_atomically(out_dir, write)
     return {"out_dir": out_dir, "docs": n_docs, "train": n_train, "dev": n_dev, "test": n_test,
             "vocab_size": tok.get_vocab_size()}
 
@@ -256,12 +262,58 @@ def _write_task(d: str, did: list, doc_texts: list, qid: list, queries: list, qr
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2) + "\n")
 
 
+# --------------------------------------------------------------------------------------------- QA set
+QA_FILE = "qa.jsonl"
+
+
+def synthetic_qa(data_dir: str, split: str = "test") -> list:
+    """The QA examples of a synthetic task's `split` (rag.py's format), a pure function of the task's files.
+
+    Each judged query of qrels/<split>.tsv (sorted ids) becomes {"id": its query id, "question": its text
+    verbatim (so retrieval is exactly that split's), "answers": ...}: the target document states 3 concepts
+    (concepts_per_doc), the question names 2 of them (in other forms), and the answer is the concept it does not
+    name, as the document writes it, then its other forms (any form is correct). A retriever that finds the target
+    puts the answer word in the context; a reader then has to pick the one concept word the question lacks.
+    With concepts_per_doc > 3 every unnamed concept's forms are answers (the document's forms first)."""
+    with open(os.path.join(data_dir, "lexicon.json"), encoding="utf-8") as f:
+        lexicon = json.load(f)["concepts"]
+    concept_of = {w: c for c, forms in enumerate(lexicon) for w in forms}
+    queries, corpus, qrels = load_queries(data_dir), load_corpus(data_dir), load_qrels(data_dir, split)
+    out = []
+    for q in sorted(qrels):
+        targets = [d for d, g in qrels[q].items() if g > 0]
+        if len(targets) != 1:
+            raise DataError(f"{data_dir}/qrels/{split}.tsv: query {q!r} has {len(targets)} relevant documents; "
+                            "a synthetic query has exactly one")
+        named = {concept_of[w] for w in queries[q].split() if w in concept_of}
+        doc_words = [w for w in corpus[targets[0]]["text"].split() if w in concept_of]
+        answers = []
+        for w in doc_words:
+            if concept_of[w] not in named:
+                answers += [w] + [f for f in lexicon[concept_of[w]] if f != w]
+        out.append({"id": q, "question": queries[q], "answers": answers})
+    return out
+
+
+def make_synthetic_qa(data_dir: str, split: str = "test") -> str:
+    """Write <data_dir>/qa.jsonl (synthetic_qa of `split`) atomically; -> its path."""
+    path = os.path.join(data_dir, QA_FILE)
+    write_text_atomic(path, "".join(json.dumps(ex) + "\n" for ex in synthetic_qa(data_dir, split)))
+    return path
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="synthetic.py", description="write the built-in synthetic task (BEIR folder + "
                             "train.jsonl + tokenizer)")
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--qa", action="store_true", help="only (re)write OUT_DIR/qa.jsonl of the existing task")
     args = parser.parse_args(argv)
+    if args.qa:
+        if not os.path.isfile(os.path.join(args.out_dir, "lexicon.json")):
+            raise DataError(f"{args.out_dir}: not a synthetic task (no lexicon.json)")
+        print(json.dumps({"qa": make_synthetic_qa(args.out_dir)}))
+        return
     print(json.dumps(make_synthetic(args.out_dir, seed=args.seed)))
 
 

@@ -207,7 +207,7 @@ def test_synthetic_same_seed_gives_identical_bytes(synth, tmp_path):
     synthetic.make_synthetic(again, seed=0)
     files = tiny_setup.read_tree(synth)
     assert sorted(files) == sorted(["corpus.jsonl", "queries.jsonl", "train.jsonl", "tokenizer.json", "lexicon.json",
-                                    "tokenizer_config.json"] + [os.path.join("qrels", f"{s}.tsv")
+                                    "tokenizer_config.json", "qa.jsonl"] + [os.path.join("qrels", f"{s}.tsv")
                                                                 for s in ("train", "dev", "test")])
     assert tiny_setup.read_tree(again) == files
 

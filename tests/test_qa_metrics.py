@@ -1,4 +1,4 @@
-"""QA answer metrics (ir.normalize_answer, exact_match, token_f1, qa_scores) against hand-computed cases.
+"""QA answer metrics (ir.normalize_answer, exact_match, token_f1, qa_scores, has_answer) against hand-computed cases.
 
 The rules, as the official SQuAD v1.1 evaluate script (evaluate-v1.1.py) applies them:
   normalize_answer: lowercase -> remove every character of Python's string.punctuation (ASCII only) -> replace the
@@ -11,7 +11,7 @@ Each expected value below is worked out by hand in its comment.
 """
 import pytest
 
-from ir import EvalError, exact_match, normalize_answer, qa_scores, token_f1
+from ir import EvalError, exact_match, has_answer, normalize_answer, qa_scores, token_f1
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -71,3 +71,21 @@ def test_gold_answers_must_be_a_non_empty_list(answers):
     # A bare string would be iterated character by character: refuse it.
     with pytest.raises(EvalError, match="non-empty list of gold answers"):
         qa_scores("Paris", answers)
+
+
+# --------------------------------------------------------------------------------------------- answer recall
+@pytest.mark.parametrize("answers, expected", [
+    (["Eiffel Tower"], True),       # "eiffel tower" is tokens 1-2 of "eiffel tower opened in 1889"
+    (["the TOWER."], True),         # normalised to "tower": a one-token run
+    (["tower opened in 1890"], False),  # a run of 4 tokens, but the last one differs
+    (["Eiff"], False),              # a prefix of a token is not a token
+    (["Lyon", "1889"], True),       # any gold answer may match
+    (["opened tower"], False),      # the tokens, but not in this order
+])
+def test_has_answer_looks_for_the_normalised_answer_tokens_as_a_run(answers, expected):
+    assert has_answer("The Eiffel Tower opened in 1889.", answers) is expected
+
+
+def test_has_answer_reads_hyphens_as_squad_does():
+    # punctuation is removed, not split on: "tova-ku" and "tovaku" both normalise to "tovaku"
+    assert has_answer("a report on tova-ku data", ["tovaku"]) and not has_answer("tova ku", ["tova-ku"])
