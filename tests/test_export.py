@@ -205,3 +205,30 @@ def test_a_task_the_mode_does_not_train_is_refused(task, tmp_path):
     um = build(task, tmp_path, train={"mode": "emb_only"})
     with pytest.raises(export.ExportError, match="train.mode 'emb_only' trains"):
         export.export(um, "rerank", str(tmp_path / "out"))
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+def short_run(task, root, mode):
+    """A finished 2-step tiny run of `mode` in <root>/run."""
+    cfg = tiny_setup.write_config(str(root / "cfg.yaml"), task, str(root / "run"),
+                                  train={"mode": mode, "steps": 2, "eval_every": 2, "save_every": 2,
+                                         "warmup_steps": 1})
+    train.main([cfg])
+    return str(root / "run")
+
+
+def test_the_cli_exports_a_trained_run_that_sentence_transformers_reads(task, tmp_path):
+    run = short_run(task, tmp_path, "hard_switch_shared")
+    out = str(tmp_path / "embed")
+    assert model_mod.run_cli("export.py", export.main, [run, out, "--task", "embed"]) == 0
+    um = unimoer.load_run(run)
+    m = st.SentenceTransformer(out, device="cpu", local_files_only=True)
+    np.testing.assert_allclose(m.encode(DOCS), um.encode_documents(DOCS), atol=TOL)
+
+
+def test_the_cli_answers_a_learned_router_with_one_line_naming_router_kind(task, tmp_path, capsys):
+    run = short_run(task, tmp_path, "joint_moe")
+    capsys.readouterr()  # the training's progress lines
+    assert model_mod.run_cli("export.py", export.main, [run, str(tmp_path / "out"), "--task", "rerank"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("export.py: error: router.kind 'learned'") and "\n" not in err
