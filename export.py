@@ -122,10 +122,12 @@ def write_model(um: UniMoER, task: str, out: str) -> None:
         shutil.copy(gen, os.path.join(out, "generation_config.json"))
 
 
-def write_tokenizer(um: UniMoER, out: str, append_eos: bool) -> None:
+def write_tokenizer(um: UniMoER, task: str, out: str) -> None:
     """The run's tokenizer files; tokenizer_config.json with padding_side left, the pad token UniMoER pads with
-    and model_max_length. append_eos: tokenizer.json's post-processor also appends the EOS (after whatever the
-    original post-processor adds), unless it already ends every sequence with it; checked on a sample text."""
+    and model_max_length (the task's longest input). The embedding with data.append_eos: tokenizer.json's
+    post-processor also appends the EOS (after whatever the original post-processor adds), unless it already ends
+    every sequence with it; checked on a sample text. The reranker's template is read without special tokens, so
+    its tokenizer.json is copied unchanged."""
     src = os.path.dirname(um.tok.source)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
@@ -138,9 +140,10 @@ def write_tokenizer(um: UniMoER, out: str, append_eos: bool) -> None:
     tok_cfg.setdefault("eos_token", um.tok.eos_token)
     tok_cfg["pad_token"] = um.tok.tok.id_to_token(um.tok.pad_id)
     tok_cfg["padding_side"] = "left"
-    tok_cfg["model_max_length"] = max(um.cfg.data.max_doc_len, um.cfg.data.max_query_len, um.cfg.data.max_pair_len)
+    d = um.cfg.data
+    tok_cfg["model_max_length"] = max(d.max_doc_len, d.max_query_len) if task == "embed" else d.max_pair_len
     _write_json(tok_cfg_path, tok_cfg)
-    if not append_eos:
+    if task != "embed" or not d.append_eos:
         return
     tok = HFTokenizer.from_file(os.path.join(out, "tokenizer.json"))
     eos, eos_id = um.tok.eos_token, um.tok.eos_id
@@ -199,7 +202,7 @@ def export(um: UniMoER, task: str, out: str) -> None:
         raise ExportError(f"{out}: exists and is not an empty directory")
     os.makedirs(out, exist_ok=True)
     write_model(um, task, out)
-    write_tokenizer(um, out, append_eos=task == "embed" and um.cfg.data.append_eos)
+    write_tokenizer(um, task, out)
     if task == "embed":
         write_sentence_transformers(um, out)
     else:

@@ -105,6 +105,18 @@ def test_sentence_transformers_gives_the_unmerged_models_vectors_with_the_query_
     np.testing.assert_allclose(d, hard_switch.encode_documents(DOCS), atol=TOL)
 
 
+def test_without_append_eos_the_tokenizer_is_copied_and_the_vectors_still_match(task, tmp_path):
+    # data.append_eos false pools at the last text token: the exported tokenizer must not append anything.
+    um = build(task, tmp_path, train={"mode": "hard_switch"}, data={"append_eos": False})
+    out = str(tmp_path / "embed")
+    export.export(um, "embed", out)
+    with open(um.tok.source, "rb") as a, open(os.path.join(out, "tokenizer.json"), "rb") as b:
+        assert a.read() == b.read()
+    m = st.SentenceTransformer(out, device="cpu", local_files_only=True)
+    np.testing.assert_allclose(m.encode(QUERIES, prompt_name="query"), um.encode_queries(QUERIES), atol=TOL)
+    np.testing.assert_allclose(m.encode(DOCS), um.encode_documents(DOCS), atol=TOL)
+
+
 def test_the_query_prompt_is_the_run_instruction_in_the_qwen3_embedding_format(hard_switch, embed_dir):
     cfg = json.load(open(os.path.join(embed_dir, "config_sentence_transformers.json")))
     # config.format_query: "Instruct: {instruction}\nQuery:{query}"; tiny_setup's instruction is "Find it"
