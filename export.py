@@ -222,5 +222,9 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    return run_cli("export.py", main, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli("export.py", main))
+    raise SystemExit(cli())

@@ -219,6 +219,14 @@ def test_a_task_the_mode_does_not_train_is_refused(task, tmp_path):
         export.export(um, "rerank", str(tmp_path / "out"))
 
 
+def test_a_non_empty_output_directory_is_refused(hard_switch, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(export.ExportError, match="out: exists and is not an empty directory"):
+        export.export(hard_switch, "embed", str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 def short_run(task, root, mode):
     """A finished 2-step tiny run of `mode` in <root>/run."""
