@@ -22,6 +22,7 @@ import pytest
 import analysis
 import data
 import evaluate
+import export
 import synthetic
 import tiny_setup
 import train
@@ -56,7 +57,7 @@ def tree_digest(path: str) -> dict:
 
 
 CLIS = {"train": train.cli, "evaluate": evaluate.cli, "analysis": analysis.cli, "data": data.cli,
-        "synthetic": synthetic.cli}
+        "synthetic": synthetic.cli, "export": export.cli}
 RUN_FILE = {"run.trec": "q00000 Q0 d00001 1 1.0 tag\n"}  # a TREC run, as evaluate.py writes it
 
 CYCLE_A, CYCLE_B = "base: b.yaml\n", "base: a.yaml\n"
@@ -249,6 +250,12 @@ CASES = [
     ("data/mine-n-neg-0", "data", ["mine", "{tmp}/run.trec", "{task}", "{tmp}/out.jsonl", "--n-neg", "0"], RUN_FILE,
      None,
      r"mine: --n-neg must be >= 1 \(got 0\)$"),
+    # ---- export.py
+    ("export/no-task", "export", ["{run}", "{tmp}/out"], {}, None, r"the following arguments are required: --task"),
+    ("export/missing-checkpoint", "export", ["{tmp}/nowhere", "{tmp}/out", "--task", "embed"], {}, None,
+     r"nowhere: no checkpoint here"),
+    ("export/learned-router", "export", ["{run}", "{tmp}/out", "--task", "embed"], {}, None,
+     r"router\.kind 'learned' \(train\.mode 'joint_moe'\)"),
 ]
 
 
