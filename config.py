@@ -507,12 +507,24 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     return config_from_dict(apply_overrides(read_yaml(path), overrides), where)
 
 
-def load_run_config(path: str) -> Config:
-    """A run's saved config.yaml -> Config. Runs saved before the mode table hold `router.kind: learned` and the
+# What a trained run may be deployed with (evaluate.py / rag.py RUN --model.quant=int4): how the frozen base is
+# stored, never what the experts were trained on (base weights, templates, lengths, routing).
+DEPLOY_KEYS = ("model.dtype", "model.quant", "model.quant_group")
+
+
+def load_run_config(path: str, deploy: Sequence[str] = ()) -> Config:
+    """A run's saved config.yaml -> Config, with `deploy` overrides (`--model.quant=int8`, only DEPLOY_KEYS).
+    Runs saved before the mode table hold `router.kind: learned` and the
     default `router.task_experts` in the task-routed modes (emb_only, rank_only, joint_single, hard_switch*): values
     the code of that time never used, since the mode replaced them when it built the model. They are dropped here,
     so such runs load, resume and evaluate as they trained; any other contradiction is the usual error."""
     d = read_yaml(path)
+    for o in deploy:
+        key = o[2:].split("=", 1)[0] if o.startswith("--") else o
+        if key not in DEPLOY_KEYS:
+            raise ConfigError(f"{path}: override {o!r}: a trained run takes only the deployment settings "
+                              f"{', '.join('--' + k for k in DEPLOY_KEYS)} (its other settings are what it trained on)")
+    apply_overrides(d, deploy)
     mode, router = MODE_TABLE.get((d.get("train") or {}).get("mode")), d.get("router")
     if mode is not None and mode.router_kinds == ("task",) and isinstance(router, dict) \
             and router.get("kind") == "learned":

@@ -9,6 +9,7 @@ Usage
     python evaluate.py CKPT --data DIR --candidates bm25.trec          # + rerank a given run (e.g. BM25)
     python evaluate.py /models/Qwen3-0.6B --data DIR                   # baseline: a plain HF model directory
     python evaluate.py /tmp/smollm2 --data DIR --data.append_eos=false # + config overrides (model dirs only)
+    python evaluate.py ckpt/tiny --model.quant=int8                    # a run over an int8 base (deployment keys only)
     python evaluate.py /models/Qwen3-Embedding-0.6B --data DIR --reranker /models/Qwen3-Reranker-0.6B \\
         --out runs/qwen3_two_models                                     # baseline: two separate models
     torchrun --nproc_per_node=2 evaluate.py CKPT --data DIR             # encoding and reranking sharded

@@ -473,13 +473,14 @@ def check_adapters_match(cfg: Config, adapters_path: str, config_path: str) -> N
                          f"{cfg.train.mode!r}): " + "; ".join(diffs))
 
 
-def load_run(path: str, device: Union[str, torch.device] = "cpu") -> UniMoER:
-    """Rebuild base + experts (+ head) from a run or checkpoint directory alone, for evaluation."""
+def load_run(path: str, device: Union[str, torch.device] = "cpu", deploy: Sequence[str] = ()) -> UniMoER:
+    """Rebuild base + experts (+ head) from a run or checkpoint directory alone, for evaluation; `deploy`:
+    config.DEPLOY_KEYS overrides (the base held in bf16, or quantised to int8 / int4 at load, under the fp32 experts)."""
     ckpt = checkpoint_dir(path)
     cfg_path = os.path.join(ckpt, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: config.yaml missing from the checkpoint")
-    cfg = load_run_config(cfg_path)
+    cfg = load_run_config(cfg_path, deploy)
     check_adapters_match(cfg, os.path.join(ckpt, "adapters.safetensors"), cfg_path)
     run_base = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "base")
     if not os.path.isdir(cfg.model.path) and os.path.isdir(run_base):
@@ -535,17 +536,15 @@ def load_model(path: str, device="cpu", max_doc_len: Optional[int] = None, overr
     A run or checkpoint is rebuilt by load_run (base + its experts and routers). A model directory with
     no adapters (config.json + safetensors + tokenizer) becomes the bare base serving both heads with the
     templates, lengths and yes/no head of config.Config()'s defaults with `overrides` (`--data.append_eos=false`,
-    as train.py takes them) applied: the baseline. A run keeps its own config.yaml. info = what provenance
+    as train.py takes them) applied: the baseline. A run keeps its own config.yaml; its overrides may only be
+    config.DEPLOY_KEYS (`--model.quant=int4`: the trained experts over a quantised base). info = what provenance
     records: {"path", "kind", "checkpoint_dir", "adapters_sha256", "mode", "base_model"}.
     """
     device = torch.device(device)
     try:
         if _model_kind(path) == "run":
             ckpt = checkpoint_dir(path)
-            if overrides:
-                raise EvalError(f"{path}: config overrides apply to a model directory without adapters; a run "
-                                "is evaluated with its own config.yaml")
-            um = load_run(path, device)
+            um = load_run(path, device, overrides)  # a run takes only config.DEPLOY_KEYS
             info = {"kind": "checkpoint", "checkpoint_dir": os.path.abspath(ckpt), "mode": um.cfg.train.mode,
                     "adapters_sha256": sha256_file(os.path.join(ckpt, "adapters.safetensors"))}
         else:

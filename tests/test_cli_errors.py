@@ -218,7 +218,7 @@ CASES = [
      r"argument --index: invalid choice: 'annoy'"),
     ("evaluate/unknown-option", "evaluate", ["{run}", "--bogus"], {}, None, r"unrecognized arguments: --bogus"),
     ("evaluate/override-on-a-run", "evaluate", ["{run}", "--data.max_doc_len=5"], {}, None,
-     r"config overrides apply to a model directory without adapters"),
+     r"override .--data\.max_doc_len=5.: a trained run takes only the deployment settings --model\.dtype"),
     ("evaluate/missing-candidates", "evaluate", ["{run}", "--candidates", "{tmp}/bm25.trec"], {}, None,
      r"bm25\.trec: candidate run file not found"),
     ("evaluate/malformed-candidates", "evaluate", ["{run}", "--candidates", "{tmp}/c.trec"],

@@ -16,9 +16,12 @@ import pytest
 import data
 import evaluate
 import moe_lora
+import quant
 import rag
 import synthetic
+import torch
 import tiny_setup
+import unimoer
 from generate import generate_text
 from ir import rank_documents
 
@@ -274,3 +277,18 @@ def test_a_malformed_qa_line_stops_the_cli_with_one_line_naming_it(run, task, tm
     assert rag.cli([run, "--data", task, "--qa", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'rag.py: error: {path}:2: missing "answers"'] and not out.exists()
+
+
+def test_a_run_deployed_with_int8_keeps_its_experts_over_a_quantised_base(run):
+    """evaluate.py / rag.py RUN --model.quant=int8: the trained experts unchanged, the base's projections
+    QuantLinear, the vectors close to the fp32 ones (int8 error) but not equal (the base really is quantised)."""
+    fp32, _ = unimoer.load_model(run)
+    int8, info = unimoer.load_model(run, overrides=["--model.quant=int8"])
+    lins = {n: m for n, m in int8.base.named_modules() if isinstance(m, moe_lora.MoELoRALinear)}
+    ref = dict(fp32.base.named_modules())
+    assert lins and all(isinstance(m.base_linear, quant.QuantLinear) for m in lins.values())
+    assert all(torch.equal(m.lora_A, ref[n].lora_A) and torch.equal(m.lora_B, ref[n].lora_B) for n, m in lins.items())
+    texts = ["a first text", "another one, longer than the first"]
+    a, b = fp32.encode_documents(texts), int8.encode_documents(texts)
+    assert 0 < abs(a - b).max() < 0.05
+    assert int8.cfg.model.quant == "int8" and info["kind"] == "checkpoint"
