@@ -319,18 +319,12 @@ def choose_eval_set(um, info: dict, ckpt: str, data_dir, split, max_queries, k_r
                    k_rerank, drop, cands)
 
 
-def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev,
-               e2rank_prf_k: Optional[int] = None, dims: Sequence[int] = ()) -> tuple:
-    """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
-    run) -> (runs {stage: run}, times {name: seconds}, the Matryoshka table of `dims` (matryoshka_table; None
-    without dims, and on ranks > 0)), each stage timed on every rank. Encoding batches are batch_size texts,
-    reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
-    e2rank_prf_k (None: off): also the E2Rank baseline of `um`'s embedding path (retrieval.e2rank_rerank, PRF
-    from the top e2rank_prf_k) on the dense run ("e2rank_two_stage") and on the candidates ("e2rank")."""
-    shard = world > 1
+def stage_timer(um, dev) -> tuple:
+    """(timed, times): timed(name, fn) runs fn under inference_mode and the model's autocast, CUDA synchronised on
+    both sides, records its seconds in times[name] and returns fn's result (evaluate.py's and rag.py's stages)."""
     autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times, runs, table = {}, {}, None
+    times = {}
 
     def timed(name, fn):
         sync()
@@ -340,6 +334,21 @@ def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank:
         sync()
         times[name] = time.perf_counter() - t0
         return out
+
+    return timed, times
+
+
+def run_stages(um, rr, es: EvalSet, index: str, batch_size: int, progress, rank: int, world: int, dev,
+               e2rank_prf_k: Optional[int] = None, dims: Sequence[int] = ()) -> tuple:
+    """Encode, search, rerank (sharded over the ranks when world > 1; rank 0 searches and broadcasts the dense
+    run) -> (runs {stage: run}, times {name: seconds}, the Matryoshka table of `dims` (matryoshka_table; None
+    without dims, and on ranks > 0)), each stage timed on every rank. Encoding batches are batch_size texts,
+    reranking batches batch_size // 2 pairs (64 / 32, as training's dev evaluation).
+    e2rank_prf_k (None: off): also the E2Rank baseline of `um`'s embedding path (retrieval.e2rank_rerank, PRF
+    from the top e2rank_prf_k) on the dense run ("e2rank_two_stage") and on the candidates ("e2rank")."""
+    shard = world > 1
+    timed, times = stage_timer(um, dev)
+    runs, table = {}, None
 
     corpus, queries = es.corpus, es.queries
     doc_ids, qids = list(corpus), list(queries)

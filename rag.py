@@ -54,12 +54,12 @@ import torch
 
 import data
 import moe_lora
-from evaluate import git_commit, param_costs, peak_memory
+from evaluate import git_commit, param_costs, peak_memory, stage_timer
 from generate import generate
 from ir import EvalError, has_answer, qa_scores, rank_documents, write_text_atomic
 from model import ArgumentParser, CausalLM, UsageError, run_cli
 from retrieval import build_index, dense_run, encode_corpus, encode_queries, rerank
-from unimoer import UniMoER, autocast_for, load_model, model_settings, setup_distributed, sha256_file
+from unimoer import UniMoER, load_model, model_settings, setup_distributed, sha256_file
 
 PROMPT = "Answer the question using the passages.\n\n{passages}\nQuestion: {question}\nAnswer:"
 PASSAGE = "Passage {i}: {text}\n"  # i = 1 .. k_context, in rank order
@@ -226,18 +226,7 @@ def run_pipeline(models: RagModels, corpus: dict, qa: Sequence[dict], s: Setting
     reranked ids, in order), retrieved (the dense top k_context), reranked (documents reranked), generated (the
     raw text), prompt, prompt_tokens, new_tokens (the stop token included)."""
     um = models.retriever
-    autocast = autocast_for(dev, um.cfg.train.bf16_autocast)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times = {}
-
-    def timed(name, fn):
-        sync()
-        t0 = time.perf_counter()
-        with torch.inference_mode(), autocast():
-            out = fn()
-        sync()
-        times[name] = time.perf_counter() - t0
-        return out
+    timed, times = stage_timer(um, dev)
 
     questions = {ex["id"]: ex["question"] for ex in qa}
     first = retrieve_stage(um, corpus, questions, s, timed, progress)
