@@ -42,7 +42,8 @@ def nli_path(cfg: Config, split: str) -> str:
 
 def check_inputs(cfg: Config, where: str) -> None:
     """Before anything is written: extend.from_run holds a checkpoint (and its tiny base when model.path is the
-    run's base), and the NLI files exist unless extend.synthetic will write them."""
+    run's base), and the NLI files exist and parse (nli.read_nli: a malformed line names file and line) unless
+    extend.synthetic will write them."""
     e = cfg.extend
     try:
         checkpoint_dir(e.from_run)
@@ -55,6 +56,7 @@ def check_inputs(cfg: Config, where: str) -> None:
             if not os.path.isfile(nli_path(cfg, split)):
                 raise ConfigError(f"{where}: extend.data_dir: {nli_path(cfg, split)} not found (extend.synthetic: "
                                   "true writes the built-in synthetic set there)")
+            nli.read_nli(nli_path(cfg, split))
 
 
 def prepare(cfg: Config, out: str) -> None:

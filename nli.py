@@ -69,14 +69,15 @@ def majority_accuracy(train: Sequence[dict], dev: Sequence[dict]) -> float:
 
 
 # --------------------------------------------------------------------------------------------- synthetic set
-# A premise states two facts "<entity> is <value>" among filler words; each value belongs to a family of mutually
+# A premise states two facts "<entity> is <value>" (two entities, two families) among filler words; each value
+# belongs to a family of mutually
 # exclusive values and is written in one of two synonymous forms. The hypothesis states one fact, and its label is
 #   entailment:    a premise entity with its value, in the OTHER form (no word of the value repeats);
 #   contradiction: a premise entity with another value of the same family (exclusive), in either form;
 #   neutral:       an entity the premise does not name, with a premise value in its other form.
 # So entity overlap separates neutral from the rest, and entailment from contradiction needs the synonym pairs,
-# which only the training data teaches (word overlap alone cannot do it). Words are made of the synthetic
-# retrieval task's syllables, so the tiny base's tokenizer reads them in a few tokens.
+# which only the training data teaches: the hypothesis's value word never occurs in its premise. Words are made of
+# the synthetic retrieval task's syllables, so the tiny base's tokenizer reads them in a few tokens.
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 _FILLER = "the a report notes that this record shows our team saw some new old data".split()
 
@@ -95,8 +96,8 @@ def synthetic_nli_examples(seed: int = 0, n_train: int = 3000, n_dev: int = 300,
                            n_families: int = 6, n_values: int = 4) -> tuple:
     """(train, dev) example lists of the synthetic set (design above): a pure function of the arguments, labels
     drawn uniformly. Dev premises use the same vocabulary, with fact pairs never seen in training."""
-    if min(n_train, n_dev) < 1 or n_entities < 3 or n_families < 1 or n_values < 2:
-        raise ValueError("make_synthetic_nli: need n_train, n_dev >= 1, n_entities >= 3, n_families >= 1, "
+    if min(n_train, n_dev) < 1 or n_entities < 3 or n_families < 2 or n_values < 2:
+        raise ValueError("make_synthetic_nli: need n_train, n_dev >= 1, n_entities >= 3, n_families >= 2, "
                          "n_values >= 2")
     rng = random.Random(seed)
     seen: set = set(_FILLER)
@@ -105,7 +106,8 @@ def synthetic_nli_examples(seed: int = 0, n_train: int = 3000, n_dev: int = 300,
     used, out = set(), []
     while len(out) < n_train + n_dev:
         e1, e2 = rng.sample(entities, 2)
-        (f1, v1), (f2, v2) = [(rng.randrange(n_families), rng.randrange(n_values)) for _ in range(2)]
+        f1, f2 = rng.sample(range(n_families), 2)  # two families: no value word of the premise repeats elsewhere
+        v1, v2 = rng.randrange(n_values), rng.randrange(n_values)
         key = (e1, f1, v1, e2, f2, v2)
         if key in used:
             continue
