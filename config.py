@@ -1,4 +1,5 @@
-"""The YAML surface: one dataclass per section (model, data, adapters, router, train, stages), loading with
+"""The YAML surface: one dataclass per section (model, data, adapters, router, train, stages; extend for a new
+expert on a trained run, whose other sections come from that run: extension_config), loading with
 `base:` and `--section.key=value` overrides, and the mode table (which experts and routing each train.mode means).
 
     cfg = load_config("configs/tiny.yaml", ["--train.lr=5e-4"])   # validated Config, or one ConfigError

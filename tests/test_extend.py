@@ -75,7 +75,8 @@ def old_task_outputs(run_dir: str, task: str) -> dict:
     um = unimoer.load_run(run_dir)
     queries, docs = tiny_setup.fixed_batch(task, 6, 3)
     pairs = [(q, d) for q in queries for d in docs[:4]]
-    return {"queries": torch.from_numpy(um.encode_queries(queries)), "docs": torch.from_numpy(um.encode_documents(docs)),
+    return {"queries": torch.from_numpy(um.encode_queries(queries)),
+            "docs": torch.from_numpy(um.encode_documents(docs)),
             "scores": torch.from_numpy(um.score_pairs([q for q, _ in pairs], [d for _, d in pairs]))}
 
 
