@@ -1,4 +1,5 @@
-"""The YAML surface: one dataclass per section (model, data, adapters, router, train, stages), loading with
+"""The YAML surface: one dataclass per section (model, data, adapters, router, train, stages; extend for a new
+expert on a trained run, whose other sections come from that run: extension_config), loading with
 `base:` and `--section.key=value` overrides, and the mode table (which experts and routing each train.mode means).
 
     cfg = load_config("configs/tiny.yaml", ["--train.lr=5e-4"])   # validated Config, or one ConfigError
@@ -26,6 +27,10 @@ from aux_stats import AUX_LOSSES
 from router import RouterConfig
 
 TASKS = ["embed", "rerank"]  # task ids index this list (router.tasks must equal it)
+# The task an extension (the `extend:` section, extend.py) adds to a trained run: NLI pair classification. Its task
+# id is len(TASKS); the routers never see it under extend.router freeze (its calls take a fixed routing).
+EXTEND_TASK = "nli"
+NLI_LABELS = ("entailment", "neutral", "contradiction")  # class index = position (SNLI / MultiNLI gold_label)
 MODES = ("emb_only", "rank_only", "joint_single", "joint_moe", "hard_switch", "hard_switch_shared", "no_shared")
 
 
@@ -57,6 +62,11 @@ def format_prf_query(query: str, docs: Sequence[str], instruction: str = E2RANK_
     documents and the query, and wraps the text in the chat frame (UniMoER.tokens_prf)."""
     listed = "\n".join(f"[{i}] {doc}" for i, doc in enumerate(docs, start=1))
     return f"{instruction}:\nDocuments:\n{listed}\nSearch Query: {query}"
+
+
+def format_nli_pair(premise: str, hypothesis: str) -> str:
+    """The added NLI task's input (extend.py; UniMoER.tokens_nli cuts the premise first and appends EOS)."""
+    return f"Premise: {premise}\nHypothesis: {hypothesis}"
 
 
 def format_rerank_pair(query: str, doc: str, instruction: str = RERANK_INSTRUCTION) -> str:
@@ -327,12 +337,58 @@ class TrainSection:
 
 
 @dataclass
+class AddedExpertSection:
+    """The expert an extension adds (extend.expert): its rank, alpha and the projections it adapts."""
+    name: str = "nli"
+    r: int = 8
+    alpha: float = 16.0
+    targets: Optional[list[str]] = None  # null = the run's adapters.targets; else a subset of them
+
+    def validate(self, where: str, key: str) -> None:
+        _check_text(where, f"{key}.name", self.name)
+        check_rule(where, f"{key}.r", self.r, self.r >= 1, ">= 1")
+        check_rule(where, f"{key}.alpha", self.alpha, self.alpha > 0, "> 0")
+
+
+@dataclass
+class ExtendSection:
+    """A new expert and task on a trained run (Experiment 8, extend.py). The run's model, data, adapters, router and
+    train.mode come from <from_run>/config.yaml (load_config merges them); its experts, routers and heads are loaded
+    strictly and never change. router: "freeze" = the old routers are not touched and the new task's calls take a
+    fixed routing (the new expert at 1, an always-on shared expert at 1, the old routed experts at 0); "grow" = the
+    learned router gets one more output column, its old columns held, so every task is routed over old + new."""
+    from_run: str
+    expert: AddedExpertSection = field(default_factory=AddedExpertSection)
+    router: Literal["freeze", "grow"] = "freeze"
+    data_dir: str = "data/nli-tiny"  # NLI JSONL: train.jsonl, dev.jsonl ({"premise", "hypothesis", "label"})
+    synthetic: bool = False  # write the built-in synthetic NLI set (nli.make_synthetic_nli) into data_dir first
+    synthetic_seed: int = 0
+    synthetic_args: dict = field(default_factory=dict)  # other nli.make_synthetic_nli arguments
+    max_len: int = 64  # tokens of `Premise: ...\nHypothesis: ...` + EOS (the premise is cut first)
+    dev_examples: int = 0  # first N dev examples at each dev evaluation; 0 = all
+
+    def validate(self, where: str, key: str = "extend") -> None:
+        _check_text(where, f"{key}.from_run", self.from_run)
+        _check_text(where, f"{key}.data_dir", self.data_dir)
+        self.expert.validate(where, f"{key}.expert")
+        check_rule(where, f"{key}.max_len", self.max_len, self.max_len >= 8, ">= 8")
+        _check_min(where, self, key, ("synthetic_seed", "dev_examples"), 0)
+
+
+# train keys an extension may set (the optimisation of the new expert); the rest is the run's (extension_config)
+EXTEND_TRAIN_KEYS = ("out_dir", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio",
+                     "clip", "aux_weights", "eval_every", "save_every", "max_bad_steps", "max_update_rms", "device",
+                     "bf16_autocast")
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     adapters: AdapterSection = field(default_factory=AdapterSection)
     router: RouterConfig = field(default_factory=RouterConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    extend: Optional[ExtendSection] = None  # a new expert on a trained run (extend.py); null = a plain run
 
     def validate(self, where: str) -> None:
         """Every section's own ranges, then the rules across sections (experts of the mode, layers, tasks)."""
@@ -351,7 +407,7 @@ class Config:
         if self.router.tasks != TASKS:
             raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
         try:
-            experts = [e.name for e in adapter_config(self).experts]
+            experts = [e.name for e in adapter_config(self, with_added=False).experts]
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
         tasks = mode_tasks(t.mode)
@@ -378,6 +434,39 @@ class Config:
             n = self.model.tiny.num_hidden_layers            # directory's is checked by check_inputs
             check_rule(where, "adapters.layers", layers, max(layers) < n, f"layer indices < model.tiny.num_hidden_layers "
                    f"{n}")
+        if self.extend is not None:
+            check_extension(self, where)
+
+
+def check_extension(cfg: Config, where: str) -> None:
+    """The extend section against the run it extends: a new expert name, targets among the run's, grow only on a
+    learned router that can take a column (no task embedding, which has no row for the new task; no loss-free
+    bias, which would move the old columns' selection), and a plain optimisation (one chunk, no stages or mtl)."""
+    e, t, r = cfg.extend, cfg.train, cfg.router
+    cfg.extend.validate(where)
+    names = [x.name for x in adapter_config(cfg, with_added=False).experts]
+    check_rule(where, "extend.expert.name", e.expert.name, e.expert.name not in names,
+               f"a new expert name (the run has {', '.join(names)})")
+    run_targets = [x if x.endswith("_proj") else f"{x}_proj" for x in cfg.adapters.targets]
+    if e.expert.targets is not None:
+        full = [x if x.endswith("_proj") else f"{x}_proj" for x in e.expert.targets]
+        ok = bool(full) and len(set(full)) == len(full) and all(x in run_targets for x in full)
+        check_rule(where, "extend.expert.targets", e.expert.targets, ok, "null or a non-empty list of distinct "
+                   f"projections among the run's adapters.targets ({', '.join(cfg.adapters.targets)})")
+    if e.router == "grow":
+        check_rule(where, "extend.router", e.router, r.kind == "learned", f"'freeze' with router.kind {r.kind!r} "
+                   "(grow adds a column to a learned router)")
+        check_rule(where, "extend.router", e.router, r.task_embed_dim == 0, "'freeze' with router.task_embed_dim > 0 "
+                   "(the task embedding has no row for the new task)")
+        check_rule(where, "extend.router", e.router, not r.loss_free_balance, "'freeze' with "
+                   "router.loss_free_balance (its bias would move the old columns' selection)")
+    check_rule(where, "train.grad_accum", t.grad_accum, t.grad_accum == 1, "1 in an extension")
+    check_rule(where, "train.mtl", t.mtl, t.mtl == "none", "'none' in an extension (one task is trained)")
+    check_rule(where, "train.stages", t.stages, not t.stages, "[] in an extension")
+    try:
+        adapter_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -504,7 +593,48 @@ def read_yaml(path: str, _chain: tuple = ()) -> dict:
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """YAML file + `--section.key=value` overrides (each value parsed as YAML) -> validated Config."""
     where = path + (" (with overrides)" if overrides else "")
-    return config_from_dict(apply_overrides(read_yaml(path), overrides), where)
+    d = apply_overrides(read_yaml(path), overrides)
+    if d.get("extend") is not None:
+        d = extension_config(d, where)
+    return config_from_dict(d, where)
+
+
+def extension_config(d: dict, where: str) -> dict:
+    """An extension's YAML (`extend:` + optional `train:` keys of EXTEND_TRAIN_KEYS) -> the whole config mapping:
+    model, data, adapters, router and the rest of train from <extend.from_run>/config.yaml (a run or checkpoint
+    directory), the extension's train keys over them, its extend section added. The run's own stages and frozen
+    experts are dropped (they described its training). A run's tiny base (model.path <out_dir>/base) becomes
+    model.path null: train.py copies it into the new run (prepare), so the new run stands alone."""
+    ext = d["extend"]
+    if not isinstance(ext, dict):
+        raise ConfigError(f"{where}: extend: expected a mapping, got {ext!r}")
+    from_run = ext.get("from_run")
+    _check_text(where, "extend.from_run", from_run)
+    for section in d:
+        if section not in ("extend", "train"):
+            raise ConfigError(f"{where}: {section}: an extension takes model, data, adapters and router from "
+                              f"extend.from_run's config.yaml ({from_run}); drop the {section} section")
+    train = d.get("train") or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}: train: expected a mapping, got {train!r}")
+    for k in train:
+        if k not in EXTEND_TRAIN_KEYS:
+            raise ConfigError(f"{where}: train.{k}: comes from extend.from_run's config.yaml in an extension "
+                              f"(an extension sets {', '.join(EXTEND_TRAIN_KEYS)})")
+    run_yaml = os.path.join(from_run, "config.yaml")
+    if not os.path.isfile(run_yaml):
+        raise ConfigError(f"{where}: extend.from_run {from_run!r}: not a run or checkpoint directory (no config.yaml)")
+    run = read_yaml(run_yaml)
+    if run.get("extend") is not None:
+        raise ConfigError(f"{where}: extend.from_run {from_run!r} is itself an extension; extend the run it "
+                          f"extends ({run['extend'].get('from_run')}) instead")
+    _drop_legacy_router(run)
+    run_train = dict(run.get("train") or {})
+    model = dict(run.get("model") or {})
+    if model.get("path") is not None and model["path"] == os.path.join(run_train.get("out_dir", ""), "base"):
+        model["path"] = model["tokenizer"] = None
+    run_train.update(stages=[], freeze_experts=[], **train)
+    return {**run, "model": model, "train": run_train, "extend": ext}
 
 
 # What a trained run may be deployed with (evaluate.py / rag.py RUN --model.quant=int4): how the frozen base is
@@ -525,12 +655,17 @@ def load_run_config(path: str, deploy: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{path}: override {o!r}: a trained run takes only the deployment settings "
                               f"{', '.join('--' + k for k in DEPLOY_KEYS)} (its other settings are what it trained on)")
     apply_overrides(d, deploy)
+    _drop_legacy_router(d)
+    return config_from_dict(d, path)
+
+
+def _drop_legacy_router(d: dict) -> None:
+    """load_run_config's rule for runs saved before the mode table, in place."""
     mode, router = MODE_TABLE.get((d.get("train") or {}).get("mode")), d.get("router")
     if mode is not None and mode.router_kinds == ("task",) and isinstance(router, dict) \
             and router.get("kind") == "learned":
         router.pop("kind")
         router.pop("task_experts", None)
-    return config_from_dict(d, path)
 
 
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
@@ -619,16 +754,23 @@ def resolve_mode(cfg: Config, router_yaml: dict, where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def adapter_config(cfg: Config) -> moe_lora.MoELoRAConfig:
+def adapter_config(cfg: Config, with_added: bool = True) -> moe_lora.MoELoRAConfig:
     """train.mode (MODE_TABLE) -> which experts exist and whether a shared expert is always on; the routing is the
-    (resolved) router section."""
+    (resolved) router section; an extension's expert (extend.expert) as `added` unless with_added is False (the
+    spec of the run it extends)."""
     a, mode = cfg.adapters, MODE_TABLE[cfg.train.mode]
+    added = None
+    if cfg.extend is not None and with_added:
+        x = cfg.extend.expert
+        added = moe_lora.AddedExpert(x.name, x.r, x.alpha, list(x.targets if x.targets is not None else a.targets),
+                                     task=len(TASKS), routing=cfg.extend.router)
     experts = [moe_lora.ExpertSpec(name, a.r, a.alpha) for name in mode.experts]
     shared = a.shared if mode.shared == "adapters" else mode.shared
     if shared is not None:
         experts.append(moe_lora.ExpertSpec("shared", a.shared_r, a.shared_alpha))
     return moe_lora.MoELoRAConfig(experts=experts, targets=list(a.targets), layers=a.layers, rslora=a.rslora,
-                                  dropout=a.dropout, shared=shared, router=RouterConfig(**asdict(cfg.router)))
+                                  dropout=a.dropout, shared=shared, router=RouterConfig(**asdict(cfg.router)),
+                                  added=added)
 
 
 def mode_tasks(mode: str) -> list:

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import extend
 import moe_lora
 from config import Config
 from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queries, read_trec_run, resolve_drop_self,
@@ -239,6 +240,7 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
                    "num_queries": len(es.queries), "provenance": provenance,
                    **{stage: {k: r[k] for k in METRIC_KEYS} for stage, r in results.items()},
                    "matryoshka": table, "costs": costs,
+                   **({"nli": added_task(um)} if um.nli_head is not None else {}),
                    "runs": {stage: f"run.{stage}.trec" for stage in runs} if write else {}}
         per_query = {stage: r["per_query"] for stage, r in results.items()}
         provenance["wall_s"] = time.time() - t_start
@@ -248,6 +250,13 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, *, k_retrieve=None, k_r
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def added_task(um) -> dict:
+    """An extension's task on its own dev file (extend.data_dir/dev.jsonl, all of it): {"accuracy", "majority"
+    (always the training set's most frequent label), "num_examples"}."""
+    m = extend.dev_nli(um, extend.load_nli_dev(um.cfg, cut=False))
+    return {"accuracy": m["nli_accuracy"], "majority": m["nli_majority"], "num_examples": m["nli_dev_examples"]}
 
 
 def check_eval_args(index: str, drop_self: str, batch_size: int, **positive) -> None:
@@ -565,8 +574,8 @@ def summary(result: dict) -> dict:
     """The one line printed on stdout: where, what, and each stage's metrics."""
     return {"checkpoint": result["checkpoint"], "dataset": result["dataset"], "split": result["split"],
             "num_queries": result["num_queries"],
-            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank", "e2rank_two_stage", "e2rank")
-               if s in result},
+            **{s: result[s] for s in ("retrieval", "two_stage", "candidates", "rerank", "e2rank_two_stage", "e2rank",
+                                      "nli") if s in result},
             **({"matryoshka_ndcg@10": {m: r["ndcg@10"] for m, r in result["matryoshka"].items()}}
                if result.get("matryoshka") else {})}
 

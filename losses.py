@@ -157,7 +157,14 @@ def _sum_over_ranks(stats: list) -> list:
     return out
 
 
+def nli_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The added task's classification loss (an extension, extend.py): mean cross-entropy over the batch,
+    -1/B sum_i log softmax(logits_i)[y_i], logits (B, C) and labels (B,) class indices."""
+    return F.cross_entropy(logits.float(), labels)
+
+
 TASK_WEIGHT_KEYS = {"emb": "emb_weight", "rank": "rank_weight"}  # task loss -> its train.* weight
+NLI = "nli"  # task_losses' key of the added task's loss (weight 1: the only task loss of an extension)
 LOG_ONLY = "emb@"  # task_losses' "emb@<m>": each Matryoshka dim's InfoNCE, detached, for the log only
 
 
@@ -178,6 +185,8 @@ def task_losses(out: dict, cfg: Config, group: int) -> dict:
     if "scores" in out:
         fn = {"bce": bce_loss, "group": group_ce_loss, "ranknet": ranknet_group_loss}[t.rerank_loss]
         parts["rank"] = fn(out["scores"], group)
+    if "nli_logits" in out:
+        parts[NLI] = nli_loss(out["nli_logits"], out["nli_labels"])
     parts.update(out["aux"])
     return parts
 
@@ -185,7 +194,7 @@ def task_losses(out: dict, cfg: Config, group: int) -> dict:
 def aux_terms(parts: dict, cfg: Config) -> list:
     """[lambda_n * L_aux_n] over the aux terms of task_losses' dict (train.aux_weights; unlisted: weight 0)."""
     return [cfg.train.aux_weights.get(k, 0.0) * v for k, v in parts.items()
-            if k not in TASK_WEIGHT_KEYS and not k.startswith(LOG_ONLY)]
+            if k not in TASK_WEIGHT_KEYS and k != NLI and not k.startswith(LOG_ONLY)]
 
 
 def logged_values(parts: dict, cfg: Config) -> dict:
@@ -195,7 +204,7 @@ def logged_values(parts: dict, cfg: Config) -> dict:
     for name in parts:
         if name == "emb" or name.startswith(LOG_ONLY):
             logged[name] /= loss_world(t.cross_device_negatives)
-        elif name not in TASK_WEIGHT_KEYS:
+        elif name not in TASK_WEIGHT_KEYS and name != NLI:
             logged[name] /= loss_world(t.aux_scope == "global")
     return logged
 
@@ -208,5 +217,6 @@ def total_loss(out: dict, cfg: Config, group: int, task_weights=None) -> tuple:
     parts = task_losses(out, cfg, group)
     weights = task_weights(parts) if task_weights is not None else \
         {k: getattr(cfg.train, v) for k, v in TASK_WEIGHT_KEYS.items()}
-    loss = sum([weights[k] * parts[k] for k in TASK_WEIGHT_KEYS if k in parts] + aux_terms(parts, cfg))
+    loss = sum([weights[k] * parts[k] for k in TASK_WEIGHT_KEYS if k in parts] + ([parts[NLI]] if NLI in parts else [])
+               + aux_terms(parts, cfg))
     return loss, logged_values(parts, cfg)

@@ -46,6 +46,7 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
 METADATA_KEY = "unimoer.moe_lora"  # safetensors string metadata: the MoELoRAConfig as JSON
 SHARED_WEIGHTS = "moe_lora.weights"  # ctx.shared key of the once-per-sequence router's weights
+ADDED_TASK = "moe_lora.added_task"  # ctx.shared key: whether this call is the added expert's task
 # merge on a quantised base: folding B A into integer codes would re-quantise W + delta (lossy), so it is refused
 QUANT_MERGE_ERROR = ("merge: the base is {scheme}-quantised (model.quant); merging a LoRA delta into integer weights "
                      "would re-quantise W + BA and lose the delta's precision. Merge into the full-precision base "
@@ -58,6 +59,23 @@ class ExpertSpec:
     name: str
     r: int = 8
     alpha: float = 16.0
+
+
+@dataclass
+class AddedExpert:
+    """An expert added to a trained run (config.py's `extend:`, extend.py), kept outside the stack: its own add_A
+    (r, in) / add_B (out, r) on the linears of `targets` (a subset of the stack's), so the stacked experts' tensors
+    and the arithmetic of every call that does not use it are unchanged (its term is skipped, not added as zeros).
+
+    routing "freeze": a call of task id `task` takes a fixed gate (this expert at weight 1, an always-on shared expert
+    at 1, the stacked routed experts at 0; the routers are not called); any other call leaves it out. "grow": the
+    learned router has one more output column (the last), which weighs this expert in every call."""
+    name: str
+    r: int = 8
+    alpha: float = 16.0
+    targets: list = field(default_factory=lambda: list(TARGETS))
+    task: int = 2
+    routing: str = "freeze"
 
 
 def _default_experts():
@@ -76,6 +94,7 @@ class MoELoRAConfig:
     shared: Optional[str] = "always"  # "always": shared expert outside the router, weight 1 | "routed" | None
     shared_expert: str = "shared"  # its name among `experts` (when shared is not None)
     router: RouterConfig = field(default_factory=RouterConfig)
+    added: Optional[AddedExpert] = None  # an expert added to a trained run (extend.py), outside the stack
 
     def __post_init__(self):
         if isinstance(self.experts, list):
@@ -83,6 +102,10 @@ class MoELoRAConfig:
                             for i, e in enumerate(self.experts)]
         if isinstance(self.router, dict):
             self.router = _from_dict(RouterConfig, self.router, "router")
+        if isinstance(self.added, dict):
+            self.added = _from_dict(AddedExpert, self.added, "moe_lora.added")
+        if self.added is not None:
+            self.added.targets = [t if t.endswith("_proj") else f"{t}_proj" for t in self.added.targets]
         self.targets = [t if t.endswith("_proj") else f"{t}_proj" for t in self.targets] \
             if isinstance(self.targets, list) else self.targets
         self.validate()
@@ -135,6 +158,16 @@ class MoELoRAConfig:
             if unlisted:
                 raise ValueError(f"router.task_experts: kind 'retriever' builds each routed expert's pilot embedding "
                                  f"from the inputs of the tasks that list it; {unlisted} listed by no task")
+        x = self.added
+        if x is not None:
+            if x.name in names or not isinstance(x.r, int) or x.r < 1 or not x.alpha > 0:
+                raise ValueError(f"moe_lora.added: expert {x.name!r}: a new name, r an int >= 1 and alpha > 0")
+            if not x.targets or any(t not in self.targets for t in x.targets):
+                raise ValueError(f"moe_lora.added.targets: must be among the stack's targets {self.targets} "
+                                 f"(got {x.targets})")
+            if x.routing not in ("freeze", "grow") or (x.routing == "grow" and rc.kind != "learned"):
+                raise ValueError(f"moe_lora.added.routing: 'freeze', or 'grow' with a learned router (got "
+                                 f"{x.routing!r}, router.kind {rc.kind!r})")
         if rc.kind in ("task", "retriever"):
             for task, exps in rc.task_experts.items():
                 unknown = [n for n in exps if n not in routed]
@@ -197,6 +230,16 @@ class MoELoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gate: Optional[torch.Tensor] = None
         self.merged_gate: Optional[torch.Tensor] = None  # (R,) while merged into weight
+        self.add_A: Optional[nn.Parameter] = None  # an added expert (add_expert), outside the stack
+        self.add_B: Optional[nn.Parameter] = None
+        self.add_gate: Optional[torch.Tensor] = None  # its w * s, broadcast over (B, T, r); None = left out
+
+    def add_expert(self, spec: "AddedExpert") -> None:
+        """Give this linear the added expert's own A (r, in; Kaiming-uniform as the stack's) and B (out, r; zero)."""
+        dev = self.lora_A.device
+        self.add_A = nn.Parameter(torch.empty(spec.r, self.in_features, dtype=torch.float32, device=dev))
+        nn.init.kaiming_uniform_(self.add_A, a=math.sqrt(5))
+        self.add_B = nn.Parameter(torch.zeros(self.out_features, spec.r, dtype=torch.float32, device=dev))
 
     def expert_slice(self, name: str) -> slice:
         i = self.expert_names.index(name)
@@ -222,6 +265,13 @@ class MoELoRALinear(nn.Linear):
             y.addmm_(u, self.lora_B.t())  # base + delta in place: no second (N, out) tensor
         else:
             y += F.linear(u, self.lora_B).to(y.dtype)
+        if self.add_gate is not None:  # the added expert, only in the calls that use it (AddedExpert)
+            r = self.add_A.shape[0]
+            u = (F.linear(self.dropout(h), self.add_A).view(*lead, r) * self.add_gate).reshape(-1, r)
+            if y.dtype == torch.float32:
+                y.addmm_(u, self.add_B.t())
+            else:
+                y += F.linear(u, self.add_B).to(y.dtype)
         return y.view(*lead, self.out_features)
 
     @torch.no_grad()
@@ -251,8 +301,9 @@ class MoELoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         ranks = [self.offsets[i + 1] - self.offsets[i] for i in range(len(self.expert_names))]
         bias = f", bias={self.bias is not None}" if self.base_linear is None else ""
+        added = f", added={self.add_A.shape[0]}" if self.add_A is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}{bias}, "
-                f"experts={dict(zip(self.expert_names, ranks))}")
+                f"experts={dict(zip(self.expert_names, ranks))}{added}")
 
 
 # --------------------------------------------------------------------------------------------- the block hook
@@ -268,8 +319,10 @@ class MoEHook(nn.Module):
 
     def __init__(self, layer_idx: int, linears: list, router: Optional[nn.Module], publish: bool,
                  slot_map: torch.Tensor, slot_const: torch.Tensor, expert_map: torch.Tensor,
-                 expert_const: torch.Tensor):
+                 expert_const: torch.Tensor, added: Optional[AddedExpert] = None, added_scale: float = 0.0):
         super().__init__()
+        self.added, self.added_scale = added, added_scale  # an added expert (AddedExpert) and its s
+        self.added_linears = tuple(lin for lin in linears if lin.add_A is not None)
         self.layer_idx = layer_idx
         self.linears = tuple(linears)  # a plain tuple: the linears stay registered under their own blocks only
         self.router = router
@@ -286,7 +339,31 @@ class MoEHook(nn.Module):
         """The gate ignores the input: fixed_routing is on, the weights are merged, or every expert is always on."""
         return self.fixed is not None or self.linears[0].merged_gate is not None or not self.n_routed
 
+    def _added_task(self, ctx) -> bool:
+        """This call is the added expert's task (under routing freeze: its fixed gate). Decided once per forward
+        (ctx.shared); a call mixing it with other tasks is refused (every call holds one task)."""
+        if ADDED_TASK not in ctx.shared:
+            hit = ctx.task_ids == self.added.task if ctx.task_ids is not None else None
+            ctx.shared[ADDED_TASK] = hit is not None and bool(hit.all())
+            if hit is not None and not ctx.shared[ADDED_TASK] and bool(hit.any()):
+                raise ValueError(f"layer {self.layer_idx}: one call mixes the added expert's task (id "
+                                 f"{self.added.task}) with other tasks")
+        return ctx.shared[ADDED_TASK]
+
+    def _set_added(self, gate: Optional[torch.Tensor]) -> None:
+        for lin in self.added_linears:
+            lin.add_gate = gate
+
+    def _capture(self, ctx, full: torch.Tensor, added_w: Optional[torch.Tensor]) -> None:
+        """Record the expert weights (B, E) or (B, T, E), config order, the added expert's column last."""
+        if ctx.capture and not ctx.done:
+            if self.added is not None:
+                added_w = full.new_zeros(full.shape[:-1] + (1,)) if added_w is None else added_w.detach()
+                full = torch.cat([full, added_w.expand(full.shape[:-1] + (1,)).to(full)], dim=-1)
+            ctx.routing.append((self.layer_idx, full))
+
     def forward(self, x: torch.Tensor, ctx) -> None:
+        self._set_added(None)  # left out unless this call uses it (below)
         if not ctx.adapters:  # the plain base: a zero gate (the LoRA term adds exact zeros)
             if self.linears[0].merged_gate is not None:
                 raise RuntimeError("adapters=False on a merged model: unmerge first")
@@ -299,8 +376,13 @@ class MoEHook(nn.Module):
             gate = self.linears[0].gate_from_weights(self.fixed).view(1, 1, -1)
             for lin in self.linears:
                 lin.gate = gate
-            if ctx.capture and not ctx.done:
-                ctx.routing.append((self.layer_idx, self.fixed.expand(x.shape[0], -1).clone()))
+            self._capture(ctx, self.fixed.expand(x.shape[0], -1).clone(), None)
+            return
+        if self.added is not None and self.added.routing == "freeze" and self._added_task(ctx):
+            for lin in self.linears:  # the added task's fixed gate: the stack's routed experts 0, always-on 1
+                lin.gate = self.slot_const.view(1, 1, -1)
+            self._set_added(self.slot_const.new_full((1, 1, 1), self.added_scale))
+            self._capture(ctx, self.expert_const.expand(x.shape[0], -1).clone(), self.slot_const.new_ones(1))
             return
         if self.router is not None:
             w, aux = self.router(x, ctx)
@@ -314,6 +396,11 @@ class MoEHook(nn.Module):
                 raise RuntimeError(f"layer {self.layer_idx}: once-per-sequence routing weights missing from ctx.shared")
         else:
             w = None  # only always-on experts: a constant gate
+        w_added = None
+        if w is not None and self.added is not None and self.added.routing == "grow":
+            w, w_added = w[..., :self.n_routed], w[..., self.n_routed:]  # the grown router's last column
+            self._set_added((w_added * self.added_scale)[:, None, :] if w_added.dim() == 2 else
+                            w_added * self.added_scale)
         if w is None:
             gate = self.slot_const.view(1, 1, -1)
         else:
@@ -325,13 +412,14 @@ class MoEHook(nn.Module):
         if ctx.capture and not ctx.done:
             full = self.expert_const.expand(x.shape[0], -1).clone() if w is None else \
                 F.linear(w.detach(), self.expert_map, self.expert_const)  # (B, E) or (B, T, E), config order
-            ctx.routing.append((self.layer_idx, full))
+            self._capture(ctx, full, w_added)
 
     def clear(self) -> None:
         """Take the gates back from the linears (Block.forward calls it when the block is done): they reference
         this call's router graph and hold for this call only."""
         for lin in self.linears:
             lin.gate = None
+            lin.add_gate = None
 
 
 # --------------------------------------------------------------------------------------------- attach / detach
@@ -386,6 +474,8 @@ def attach(model, cfg: MoELoRAConfig):
         for t in cfg.targets:
             parent = block.self_attn if t in ATTN_TARGETS else block.mlp
             lin = MoELoRALinear(getattr(parent, t), experts, cfg.rslora, cfg.dropout)
+            if cfg.added is not None and t in cfg.added.targets:
+                lin.add_expert(cfg.added)
             setattr(parent, t, lin)
             linears.append(lin)
         dev = linears[0].lora_A.device  # the base's device (lora_A is made there)
@@ -396,13 +486,15 @@ def attach(model, cfg: MoELoRAConfig):
             router = RetrieverRouter(model.config.hidden_size, len(routed), rc)
         elif routed and rc.kind == "learned" and (rc.per_layer or n == 0):
             shared_lambda = first_router.lam if first_router is not None and rc.lambda_shared else None
-            router = LearnedRouter(model.config.hidden_size, len(routed), rc, shared_lambda=shared_lambda)
+            grown = cfg.added is not None and cfg.added.routing == "grow"  # one more column: the added expert
+            router = LearnedRouter(model.config.hidden_size, len(routed) + grown, rc, shared_lambda=shared_lambda)
             first_router = first_router or router
         if router is not None:
             router.to(dev)
         publish = bool(routed) and n == 0 and (rc.kind == "retriever" or (rc.kind == "learned" and not rc.per_layer))
         block.adapter_hook = MoEHook(li, linears, router, publish, slot_map.to(dev), slot_const.to(dev),
-                                     expert_map.to(dev), expert_const.to(dev))
+                                     expert_map.to(dev), expert_const.to(dev), cfg.added,
+                                     expert_scale(cfg.added, cfg.rslora) if cfg.added is not None else 0.0)
     model.adapter_prepass = retriever_prepass if routed and rc.kind == "retriever" else None
     model.moe_lora_config = cfg
     return model
@@ -436,6 +528,8 @@ def adapter_state_dict(model) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, MoELoRALinear):
             sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = mod.lora_A, mod.lora_B
+            if mod.add_A is not None:
+                sd[f"{name}.add_A"], sd[f"{name}.add_B"] = mod.add_A, mod.add_B
         elif isinstance(mod, MoEHook):
             sd.update({f"{name}.{k}": v for k, v in mod.state_dict(keep_vars=True).items()})
     return sd

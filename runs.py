@@ -4,6 +4,7 @@ run lock and the rules of a fresh run or a --resume; and the built-in tiny base 
 A checkpoint directory <out_dir> holds config.yaml (the resolved config), metrics.jsonl (one line per dev
 evaluation), train_log.jsonl (one line per step), base/ (only for the built-in tiny base) and checkpoint-NNNNNN/
 directories (adapters.safetensors: experts and routers; head.safetensors: the optional linear reranking head;
+nli_head.safetensors: an extension's classification head;
 trainer_state.pt: optimizer, RNG and step; config.yaml) named by the text file `latest`. Each checkpoint is written
 to a temporary directory and renamed, so a kill at any moment leaves the previous one whole. Also: run.lock
 (flock'ed by the running process), last_good (the newest good checkpoint, never pruned) and resumes.jsonl (what
@@ -44,7 +45,7 @@ import moe_lora
 from config import Config, ConfigError, TinyBase, load_run_config
 from ir import write_text_atomic
 from model import CausalLM, ModelConfig, load_tokenizer
-from unimoer import UniMoER, check_adapters_match, trainable_parameters
+from unimoer import NLI_HEAD_FILE, UniMoER, check_adapters_match, trainable_parameters
 
 
 # --------------------------------------------------------------------------------------------- config.yaml
@@ -174,6 +175,9 @@ def save_checkpoint(um: UniMoER, opt, cfg: Config, step: int, bad_steps: int, ke
         if um.head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in um.head.state_dict().items()},
                       os.path.join(tmp, "head.safetensors"))
+        if um.nli_head is not None:  # an extension's classification head
+            save_file({k: v.detach().cpu().contiguous() for k, v in um.nli_head.state_dict().items()},
+                      os.path.join(tmp, NLI_HEAD_FILE))
         rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                "numpy_pos": np.random.get_state()[2], "python": repr(random.getstate())}
         if torch.cuda.is_available():
@@ -241,6 +245,8 @@ def load_trainer_state(ckpt: str, um: UniMoER, opt, mtl=None) -> tuple:
     moe_lora.load_adapters(um.base, os.path.join(ckpt, "adapters.safetensors"))
     if um.head is not None:
         um.head.load_state_dict(load_file(os.path.join(ckpt, "head.safetensors")))
+    if um.nli_head is not None:
+        um.nli_head.load_state_dict(load_file(os.path.join(ckpt, NLI_HEAD_FILE)))
     path = os.path.join(ckpt, "trainer_state.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: trainer state missing; cannot resume")

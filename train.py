@@ -34,11 +34,13 @@ from tqdm import tqdm
 
 import data
 import dryrun
+import extend
 import moe_lora
 import mtl
+import nli
 import quant
 import synthetic
-from config import Config, ConfigError, Stage, check_rule, load_config, mode_tasks
+from config import EXTEND_TASK, Config, ConfigError, Stage, check_rule, load_config, mode_tasks
 from evaluate import dev_evaluate, dev_routing_texts, load_dev
 from losses import TASK_WEIGHT_KEYS, aux_losses, aux_terms, logged_values, task_losses, total_loss
 from model import UsageError, load_tokenizer, run_cli
@@ -81,6 +83,10 @@ def check_inputs(cfg: Config, where: str) -> None:
                           ("data.train_file", train_file)):
             if not os.path.isfile(path):
                 raise ConfigError(f"{where}: {key}: {path} not found")
+    if cfg.extend is not None:
+        extend.check_inputs(cfg, where)
+        if m.path is None:  # the run's tiny base, copied into the new run by prepare
+            m = dataclasses.replace(m, path=os.path.join(cfg.extend.from_run, "base"))
     tok_source = m.tokenizer or m.path or d.dir
     if os.path.isfile(tok_source) or os.path.isfile(os.path.join(tok_source, "tokenizer.json")):
         check_lengths(cfg, load_tokenizer(tok_source), where)
@@ -110,8 +116,12 @@ def summary_line(metrics_path: str, out_dir: str, seconds: float) -> str:
         return (f"retrieval {m['emb_ndcg@10']:.3f}, rerank fixed {m['fixed_ndcg@10']:.3f} (candidates "
                 f"{m['cand_ndcg@10']:.3f}, {recall}), two-stage {m['rerank_ndcg@10']:.3f}")
 
-    return (f"done: {out_dir} in {seconds:.0f} s | dev nDCG@10 step {rows[0]['step']}: {figures(rows[0])} | "
-            f"step {rows[-1]['step']}: {figures(rows[-1])}")
+    def added(m: dict) -> str:  # an extension's task
+        return f"; nli accuracy {m['nli_accuracy']:.3f} (majority {m['nli_majority']:.3f})" if "nli_accuracy" in m \
+            else ""
+
+    return (f"done: {out_dir} in {seconds:.0f} s | dev nDCG@10 step {rows[0]['step']}: {figures(rows[0])}"
+            f"{added(rows[0])} | step {rows[-1]['step']}: {figures(rows[-1])}{added(rows[-1])}")
 
 
 def train_examples(cfg: Config) -> list:
@@ -252,7 +262,8 @@ def step_outputs(outs: Sequence[dict], cfg: Config) -> dict:
     The chunks' embeddings and scores are concatenated (query i's documents stay at rows i * g...), so InfoNCE
     sees every chunk's documents as negatives and the rerank loss is the mean over the whole step; the aux losses
     are finalised over train.aux_scope's units (aux_losses)."""
-    out = {k: torch.cat([o[k] for o in outs]) for k in ("q", "d", "scores") if k in outs[0]}
+    out = {k: torch.cat([o[k] for o in outs]) for k in ("q", "d", "scores", "nli_logits", "nli_labels")
+           if k in outs[0]}
     out["aux"] = aux_losses([c for o in outs for c in o["aux_calls"]], cfg.train.aux_scope)
     return out
 
@@ -397,6 +408,8 @@ def prepare(cfg: Config, rank: int) -> Config:
                 synthetic.make_synthetic(d.dir, seed=d.synthetic_seed, **d.synthetic_args)
             except TypeError as e:
                 raise ConfigError(f"data.synthetic_args: {e}") from None
+        if cfg.extend is not None:  # the NLI set, and the extended run's tiny base copied from it
+            extend.prepare(cfg, out)
         if cfg.model.path is None and not os.path.isdir(os.path.join(out, "base")):
             if cfg.model.tiny.pretrain_steps > 0:  # pretrained once per (data, tiny config), then copied
                 cache = tiny_base_cache_dir(cfg)
@@ -449,6 +462,7 @@ class RunState:
     routing_texts: Optional[tuple]  # rank 0 with a learned router: routing_snapshot's texts
     rank: int
     world: int
+    nli_dev: Optional[tuple] = None  # an extension, rank 0: its NLI (train, dev) examples (extend.load_nli_dev)
     step: int = 0
     bad_steps: int = 0
     mtl: object = None  # train.mtl's method (mtl.build_method), its state in the trainer state
@@ -496,20 +510,25 @@ def setup_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
     cfg = prepare(cfg, rank)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    um = build_model(cfg, device)
+    ext = cfg.extend is not None  # an extension (extend.py): the run's model + one expert, the NLI task alone
+    um = extend.build_model(cfg, device) if ext else build_model(cfg, device)
     model = nn.parallel.DistributedDataParallel(um, find_unused_parameters=True) if world > 1 else um
-    params = trainable_parameters(um)
+    params = extend.trainable_parameters(um) if ext else trainable_parameters(um)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    examples = train_examples(cfg)
-    if cfg.router.kind == "retriever":  # RouterRetriever's pilots (a joint_moe / no_shared router: MODE_TABLE)
+    examples = nli.read_nli(extend.nli_path(cfg, "train")) if ext else train_examples(cfg)
+    if cfg.router.kind == "retriever" and not ext:  # RouterRetriever's pilots (joint_moe / no_shared: MODE_TABLE)
         moe_lora.set_pilot_embeddings(um.base, pilot_inputs(um, examples))  # frozen base: the same on resume
     per_micro = t.batch_size // t.grad_accum  # the sampler's global batch is one micro-step over all ranks
-    sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
+    if ext:  # the NLI batches: nli.batch_indices, the same epoch-permutation rule
+        nli.batch_indices(len(examples), per_micro, t.seed, 0, rank, world)  # one batch must fit (a DataError)
+        sampler = None
+    else:
+        sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
     dev = load_dev(cfg) if rank == 0 else None
     total_steps = sum(st.steps for st in t.stages) if t.stages else t.steps
     routing_texts = dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None
     run = RunState(cfg, um, model, params, opt, examples, sampler, total_steps, dev, routing_texts, rank, world,
-                   mtl=mtl.build_method(cfg, device))
+                   mtl=mtl.build_method(cfg, device), nli_dev=extend.load_nli_dev(cfg) if ext and rank == 0 else None)
     if resume:
         run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt, run.mtl)
         if rank == 0:
@@ -533,11 +552,16 @@ def train_step(run: RunState, autocast) -> tuple:
     stage = (t.stages or [Stage(steps=t.steps)])[si]
     for gr in run.opt.param_groups:
         gr["lr"] = lr
-    tasks = tasks_at(step, stage, cfg)
-    held = frozen_slices(um, untrained_experts(um, tasks, list(t.freeze_experts) + list(stage.freeze_experts)))
     um.train()
-    chunks = [batch_inputs(um, data.gather_texts(run.examples, run.sampler.batch(step * t.grad_accum + micro)), tasks)
-              for micro in range(t.grad_accum)]  # the step's batch; grad_accum > 1: GradCache chunks
+    if cfg.extend is not None:  # an extension: the NLI task alone, the grown routers' old rows held
+        tasks, held = [EXTEND_TASK], extend.held_slices(um)
+        idx = nli.batch_indices(len(run.examples), t.batch_size, t.seed, step, run.rank, run.world)
+        chunks = [extend.batch_inputs(um, [run.examples[i] for i in idx])]
+    else:
+        tasks = tasks_at(step, stage, cfg)
+        held = frozen_slices(um, untrained_experts(um, tasks, list(t.freeze_experts) + list(stage.freeze_experts)))
+        chunks = [batch_inputs(um, data.gather_texts(run.examples, run.sampler.batch(step * t.grad_accum + micro)),
+                               tasks) for micro in range(t.grad_accum)]  # the step's batch; GradCache chunks
     group, method = 1 + cfg.data.n_neg, (run.mtl if len(tasks) > 1 else None)  # one task: the plain step
     masks = mtl.shared_masks(um, run.params, tasks, held) if method is not None and method.per_task_gradients else None
     finite, logs = forward_backward(run.model, um, chunks, cfg, group, autocast, method, masks)
@@ -557,6 +581,8 @@ def train_step(run: RunState, autocast) -> tuple:
 def evaluate_and_log(run: RunState) -> dict:
     """Rank 0: a dev evaluation at run.step, appended to metrics.jsonl (and a routing snapshot to routing.jsonl)."""
     m = {"step": run.step, **dev_evaluate(run.um, run.dev, run.cfg)}
+    if run.nli_dev is not None:  # an extension: the old tasks above (unchanged under freeze), the new one here
+        m.update(extend.dev_nli(run.um, run.nli_dev))
     append_jsonl(run.path("metrics.jsonl"), m)
     if run.routing_texts:
         append_jsonl(run.path("routing.jsonl"), {"step": run.step, **routing_snapshot(run.um, *run.routing_texts)})

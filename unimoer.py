@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 
 import moe_lora
 import quant
-from config import (RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError, adapter_config, apply_overrides,
-                    check_rule, config_from_dict, format_prf_query, format_query, format_rerank_pair,
-                    load_run_config)
+from config import (EXTEND_TASK, NLI_LABELS, RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError,
+                    adapter_config, apply_overrides, check_rule, config_from_dict, format_nli_pair, format_prf_query,
+                    format_query, format_rerank_pair, load_run_config)
 from data import doc_text
 from ir import EvalError
 from model import CausalLM, last_token_positions, load_pretrained, load_tokenizer
@@ -105,6 +105,11 @@ class UniMoER(nn.Module):
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        # an extension's task (config.extend): NLI classes from the pooled state, zero at init like the head above
+        self.nli_head = nn.Linear(base.config.hidden_size, len(NLI_LABELS)) if cfg.extend is not None else None
+        if self.nli_head is not None:
+            nn.init.zeros_(self.nli_head.weight)
+            nn.init.zeros_(self.nli_head.bias)
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(RERANK_PREFIX), ids(RERANK_SUFFIX)
         self.chat_user_ids = ids("<|im_start|>user\n")  # the user turn's opening: E2Rank's PRF query frame
@@ -136,6 +141,16 @@ class UniMoER(nn.Module):
                                       for q, doc in zip(queries, docs)], room, add_special_tokens=False)
         return self.tok.pad([self.prefix_ids + m + self.suffix_ids for m in middle], d.padding_side)
 
+    def tokens_nli(self, premises: Sequence[str], hypotheses: Sequence[str]) -> dict:
+        """The added task's pairs (config.format_nli_pair) + EOS, at most extend.max_len tokens: the hypothesis
+        part keeps up to half of them, the premise is cut to the rest, so the hypothesis (last) is never lost."""
+        n, eos = self.cfg.extend.max_len, [self.tok.eos_id]
+        ids = lambda texts, k: self.tok.encode_ids(list(texts), k, add_special_tokens=False)  # noqa: E731
+        pre, hyp = format_nli_pair("", "").split("\n", 1)
+        tails = ids(["\n" + hyp + h for h in hypotheses], n // 2)
+        heads = [ids([pre + p], n - len(t) - 1)[0] for p, t in zip(premises, tails)]
+        return self.tok.pad([h + t + eos for h, t in zip(heads, tails)], self.cfg.data.padding_side)
+
     def tokens_prf(self, queries: Sequence[str], doc_lists: Sequence[Sequence[str]]) -> dict:
         """E2Rank's PRF queries (train.rerank_head e2rank): config.format_prf_query(query, docs,
         data.prf_instruction), each document cut to its first data.max_doc_len tokens and the query to
@@ -166,7 +181,8 @@ class UniMoER(nn.Module):
         """The base on a token batch of `task` (its task id for the routers, its causal flag) -> (ModelOutput,
         attention mask on the model's device). kwargs go to CausalLM.forward (capture_routing, ...)."""
         ids, mask = batch["input_ids"].to(self._device()), batch["attention_mask"].to(self._device())
-        task_ids = torch.full((ids.shape[0],), TASKS.index(task), device=ids.device)
+        task_id = len(TASKS) if task == EXTEND_TASK else TASKS.index(task)  # the added task: the next id
+        task_ids = torch.full((ids.shape[0],), task_id, device=ids.device)
         return self.base(ids, mask, causal=self.causal(task), task_ids=task_ids, **kwargs), mask
 
     def pool_positions(self, task: str, mask: torch.Tensor) -> torch.Tensor:
@@ -194,6 +210,14 @@ class UniMoER(nn.Module):
         h = out.hidden[torch.arange(mask.shape[0], device=mask.device), last].float()  # (B, H)
         return self.head(h).squeeze(-1), out.aux_stats
 
+    def nli_logits(self, batch: dict) -> tuple:
+        """The added task: (B, 3) fp32 class logits (config.NLI_LABELS order) of nli_head on the final-norm hidden
+        state at the last real token (the embedding path's pooled position, before its L2 norm), aux stats."""
+        out, mask = self.run_base(EXTEND_TASK, batch)
+        pos = self.pool_positions(EXTEND_TASK, mask)
+        h = out.hidden[torch.arange(mask.shape[0], device=mask.device), pos].float()  # (B, H)
+        return self.nli_head(h), out.aux_stats
+
     def embed_prf(self, batch: dict) -> tuple:
         """E2Rank's PRF queries (tokens_prf) -> (B, H) fp32 L2-normalised embeddings, aux stats. Run under the
         rerank task's routing (task id, experts), read causally and pooled at the last token like an embedding:
@@ -211,13 +235,14 @@ class UniMoER(nn.Module):
         cos = (d.view(prf.shape[0], g, -1) * prf[:, None, :]).sum(-1)  # (b, g)
         return (cos / self.cfg.train.e2rank_temperature).reshape(-1)
 
-    def forward(self, queries=None, docs=None, pairs=None, prf=None) -> dict:
+    def forward(self, queries=None, docs=None, pairs=None, prf=None, nli=None, nli_labels=None) -> dict:
         """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
         batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
         the routers' aux statistics [{name: [aux_stats.AuxStat per layer]}] of each base call (queries, documents,
         pairs or PRF queries), which losses.aux_losses finalises over the units train.aux_scope names.
         prf (rerank_head e2rank): the scores are e2rank_scores of the PRF queries against the chunk's own
-        documents `docs` (embedded under the embed routing, also in a rerank-only step, which has no queries)."""
+        documents `docs` (embedded under the embed routing, also in a rerank-only step, which has no queries).
+        nli (an extension): "nli_logits" (b, 3), with nli_labels (b,) passed through as "nli_labels" for the loss."""
         out, calls = {}, []
         if queries is not None:
             out["q"], a = self.embed(queries)
@@ -232,6 +257,10 @@ class UniMoER(nn.Module):
             e, a = self.embed_prf(prf)
             calls.append(a)
             out["scores"] = self.e2rank_scores(e, out["d"])
+        if nli is not None:
+            out["nli_logits"], a = self.nli_logits(nli)
+            out["nli_labels"] = nli_labels.to(out["nli_logits"].device)
+            calls.append(a)
         out["aux_calls"] = calls
         return out
 
@@ -325,9 +354,13 @@ def routing_snapshot(um: UniMoER, queries: Sequence[str], docs: Sequence[str], p
     """
     spec = moe_lora.get_config(um.base)
     routed = [i for i, e in enumerate(spec.experts) if e.name in spec.routed_experts]
+    names = [e.name for e in spec.experts]
+    if spec.added is not None:  # an added expert: the last column (moe_lora.MoEHook._capture); routed if grown
+        routed += [len(names)] if spec.added.routing == "grow" else []
+        names.append(spec.added.name)
     was_training = um.training
     um.eval()
-    out = {"experts": [e.name for e in spec.experts]}
+    out = {"experts": names}
     batches = {"embed": [um.tokens_queries(list(queries)), um.tokens_documents(list(docs))],
                "rerank": [um.tokens_pairs([q for q, _ in pairs], [d for _, d in pairs])]}
     try:
@@ -433,7 +466,9 @@ def build_model(cfg: Config, device: torch.device) -> UniMoER:
 
 
 def trainable_parameters(um: UniMoER) -> list:
-    return moe_lora.adapter_parameters(um.base) + (list(um.head.parameters()) if um.head is not None else [])
+    """Every tensor a run may train (an extension trains a subset of them: extend.trainable_parameters)."""
+    heads = [h for h in (um.head, um.nli_head) if h is not None]
+    return moe_lora.adapter_parameters(um.base) + [p for h in heads for p in h.parameters()]
 
 
 def checkpoint_dir(path: str) -> str:
@@ -473,6 +508,9 @@ def check_adapters_match(cfg: Config, adapters_path: str, config_path: str) -> N
                          f"{cfg.train.mode!r}): " + "; ".join(diffs))
 
 
+NLI_HEAD_FILE = "nli_head.safetensors"  # an extension's classification head, next to adapters.safetensors
+
+
 def load_run(path: str, device: Union[str, torch.device] = "cpu", deploy: Sequence[str] = ()) -> UniMoER:
     """Rebuild base + experts (+ head) from a run or checkpoint directory alone, for evaluation; `deploy`:
     config.DEPLOY_KEYS overrides (the base held in bf16, or quantised to int8 / int4 at load, under the fp32 experts)."""
@@ -493,6 +531,11 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu", deploy: Sequen
         if not os.path.isfile(head):
             raise FileNotFoundError(f"{head}: missing (train.rerank_head is 'linear')")
         um.head.load_state_dict(load_file(head))
+    if um.nli_head is not None:
+        head = os.path.join(ckpt, NLI_HEAD_FILE)
+        if not os.path.isfile(head):
+            raise FileNotFoundError(f"{head}: missing (the run is an extension: config.yaml has extend)")
+        um.nli_head.load_state_dict(load_file(head))
     return um.eval()
 
 

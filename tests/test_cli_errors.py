@@ -63,8 +63,34 @@ RUN_FILE = {"run.trec": "q00000 Q0 d00001 1 1.0 tag\n"}  # a TREC run, as evalua
 CYCLE_A, CYCLE_B = "base: b.yaml\n", "base: a.yaml\n"
 BAD_TRAIN_LINE = '{"query": "cut off'
 
+# an extension of {run} (extend.py), its NLI files in {tmp}/nli
+EXT = "extend: {{from_run: {{run}}, data_dir: {{tmp}}/nli{more}}}\ntrain: {{out_dir: {{tmp}}/ext}}\n"
+NLI_OK = '{"premise": "a b", "hypothesis": "a", "label": "entailment"}\n'
+NLI_FILES = {"nli/train.jsonl": NLI_OK * 4, "nli/dev.jsonl": NLI_OK}
+
 # (name, cli, argv, files {name: text} written to {tmp}, edit of {bad} or None, message regex)
 CASES = [
+    # ---- train.py: an extension (extend: a new expert on {run})
+    ("train/extend-with-a-model-section", "train", ["{tmp}/ext.yaml"],
+     {"ext.yaml": EXT.format(more="") + "model: {dtype: float32}\n", **NLI_FILES}, None,
+     r"ext\.yaml: model: an extension takes model, data, adapters and router from extend\.from_run"),
+    ("train/extend-sets-train-mode", "train", ["{tmp}/ext.yaml", "--train.mode=hard_switch"],
+     {"ext.yaml": EXT.format(more=""), **NLI_FILES}, None, r"train\.mode: comes from extend\.from_run's config"),
+    ("train/extend-from-run-missing", "train", ["{tmp}/ext.yaml", "--extend.from_run={tmp}/nowhere"],
+     {"ext.yaml": EXT.format(more=""), **NLI_FILES}, None, r"extend\.from_run '.*nowhere': not a run or checkpoint"),
+    ("train/extend-expert-name-taken", "train", ["{tmp}/ext.yaml"],
+     {"ext.yaml": EXT.format(more=", expert: {name: shared}"), **NLI_FILES}, None,
+     r"extend\.expert\.name must be a new expert name \(the run has embed, rerank, shared\)"),
+    ("train/extend-unknown-key", "train", ["{tmp}/ext.yaml"], {"ext.yaml": EXT.format(more=", rooter: grow"),
+                                                                **NLI_FILES}, None,
+     r"extend: unknown key 'rooter' \(known keys: from_run"),
+    ("train/extend-router-bad-choice", "train", ["{tmp}/ext.yaml", "--extend.router=thaw"],
+     {"ext.yaml": EXT.format(more=""), **NLI_FILES}, None, r"extend\.router: 'thaw' is not one of 'freeze', 'grow'"),
+    ("train/extend-nli-file-missing", "train", ["{tmp}/ext.yaml"], {"ext.yaml": EXT.format(more="")}, None,
+     r"extend\.data_dir: .*nli/train\.jsonl not found"),
+    ("train/extend-nli-line-malformed", "train", ["{tmp}/ext.yaml"],
+     {"ext.yaml": EXT.format(more=""), "nli/train.jsonl": NLI_OK + '{"premise": "a", "label": "neutral"}\n',
+      "nli/dev.jsonl": NLI_OK}, None, r"nli/train\.jsonl:2: missing \"hypothesis\""),
     # ---- train.py: the command line and the config file
     ("train/no-arguments", "train", [], {}, None, r"usage: python train\.py CONFIG\.yaml"),
     ("train/missing-config-file", "train", ["{tmp}/nowhere.yaml"], {}, None, r"nowhere\.yaml: config file not found"),
@@ -285,7 +311,8 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_the_run_untouched(env
     if edit is not None:
         places["bad"] = bad_copy(env["task"], str(tmp_path / "bad"), edit)
     for fname, text in files.items():
-        (tmp_path / fname).write_text(text)
+        (tmp_path / fname).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / fname).write_text(fill(text, places))
     before = tree_digest(env["run"])
     capsys.readouterr()
     assert CLIS[cli]([fill(a, places) for a in argv]) == 2
