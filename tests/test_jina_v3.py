@@ -259,3 +259,14 @@ def test_the_tiny_jina_config_is_the_tiny_default_with_the_listwise_head():
     assert (cfg.train.rerank_head, cfg.train.rerank_loss, cfg.train.jina_temperature) == ("jina_v3", "group", 0.05)
     assert cfg.train.mode == tiny.train.mode and cfg.data.n_neg == tiny.data.n_neg
     assert np.isclose(cfg.train.lr, tiny.train.lr)
+
+
+def test_dry_run_counts_the_projector_as_the_trainable_head():
+    # Qwen3-0.6B: H = 1024 -> 512 -> 256 (the paper's projector), no biases: 1024 * 512 + 512 * 256 = 655360.
+    import dryrun
+    path = os.path.join(tiny_setup.REPO, "tests", "data", "hf_configs", "Qwen3-0.6B")
+    cfg = config.load_config(os.path.join(tiny_setup.REPO, "configs", "qwen3_0.6b.yaml"),
+                             [f"--model.path={path}", "--train.rerank_head=jina_v3", "--train.rerank_loss=group"])
+    c = dryrun.dry_run(cfg, gpus=8)["counts"]
+    assert c["head"] == 1024 * 512 + 512 * 256 == 655360
+    assert c["trainable"] == c["experts"] + c["routers"] + c["head"]
