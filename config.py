@@ -260,7 +260,8 @@ class TrainSection:
     # pointwise BCE, group-wise softmax CE (localized contrastive), or RankNet over each group (losses.ranknet_loss)
     rerank_loss: Literal["bce", "group", "ranknet"] = "bce"
     # logit("yes") - logit("no"), a linear head (ablation), E2Rank: cos(embed(PRF query), embed(doc)) /
-    # e2rank_temperature, or Jina-Reranker-v3's listwise cross-encoder: cos(P(h_doc_marker), P(h_query_marker)) / jina_temperature
+    # e2rank_temperature, or Jina-Reranker-v3's listwise cross-encoder (listwise.py):
+    # cos(P(h_doc_marker), P(h_query_marker)) / jina_temperature
     rerank_head: Literal["yesno", "linear", "e2rank", "jina_v3"] = "yesno"
     e2rank_temperature: float = 0.1  # E2Rank's RankNet logits cos / t (official ranknet_scale_factor 10.0)
     e2rank_prf_k: int = 20  # E2Rank at evaluation: the PRF query holds the candidate list's top k (official 20)
