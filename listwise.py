@@ -13,9 +13,9 @@ so the query comes first AND again after the documents (as the official code; ji
 at both beginning and end"; a causal reader's last query state has seen every document). Each document's state is
 the final hidden state at its <DOC> marker (the token right after its text), the query's at <QRY>; both go through
 one projector MLP (hidden -> hidden/2 -> train.jina_proj_dim, ReLU, no biases: JinaForRanking.projector; the
-paper's 1024 -> 512 -> 256, the released code's last width 512) and the score is s_i = cos(P(h_DOC_i), P(h_QRY)) / train.jina_temperature
-(τ = 0.05, the paper's InfoNCE temperature), trained by softmax CE of the positive against the list's negatives
-(train.rerank_loss group, losses.group_ce_loss).
+paper's 1024 -> 512 -> 256, the released code's last width 512) and the score is
+s_i = cos(P(h_DOC_i), P(h_QRY)) / train.jina_temperature (τ = 0.05, the paper's InfoNCE temperature), trained by
+softmax CE of the positive against the list's negatives (train.rerank_loss group, losses.group_ce_loss).
 
 Markers: the released model adds two tokens <|embed_token|> (doc) and <|rerank_token|> (query) in Qwen3's unused
 embedding rows; our tokenizers have no such tokens (the tiny one has no spare rows at all), so the markers are two
