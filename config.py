@@ -183,12 +183,18 @@ class DataSection:
     # train.rerank_head e2rank: the instruction of the PRF query (format_prf_query); it is read in the same frame
     # as the reranker (rerank_prompt: qwen3 = the chat turn E2Rank uses, bare = the text + EOS)
     prf_instruction: str = E2RANK_INSTRUCTION
+    # train.rerank_head jina_v3: the single tokens whose final states are a document's and the query's vectors
+    # (stand-ins for the released model's added <|embed_token|> / <|rerank_token|>; listwise.py)
+    jina_doc_marker: str = "<|endoftext|>"
+    jina_query_marker: str = "<|im_end|>"
 
     def validate(self, where: str, key: str = "data") -> None:
         """Ranges here; max_pair_len and max_query_len against the templates need the tokenizer (check_lengths)."""
         _check_text(where, f"{key}.dir", self.dir)
         _check_text(where, f"{key}.train_file", self.train_file, optional=True)
         _check_text(where, f"{key}.dev_split", self.dev_split)
+        _check_text(where, f"{key}.jina_doc_marker", self.jina_doc_marker)
+        _check_text(where, f"{key}.jina_query_marker", self.jina_query_marker)
         _check_min(where, self, key, ("synthetic_seed", "dev_queries", "dev_corpus", "n_neg"), 0)
         least = 2 if self.append_eos else 1  # with append_eos the EOS takes the last of the max_*_len tokens
         for name in ("max_query_len", "max_doc_len", "max_pair_len"):
@@ -263,11 +269,16 @@ class TrainSection:
     cross_device_negatives: bool = True
     # pointwise BCE, group-wise softmax CE (localized contrastive), or RankNet over each group (losses.ranknet_loss)
     rerank_loss: Literal["bce", "group", "ranknet"] = "bce"
-    # logit("yes") - logit("no"), a linear head (ablation), or E2Rank: cos(embed(PRF query), embed(doc)) / e2rank_temperature
-    rerank_head: Literal["yesno", "linear", "e2rank"] = "yesno"
+    # logit("yes") - logit("no"), a linear head (ablation), E2Rank: cos(embed(PRF query), embed(doc)) /
+    # e2rank_temperature, or Jina-Reranker-v3's listwise cross-encoder (listwise.py):
+    # cos(P(h_doc_marker), P(h_query_marker)) / jina_temperature
+    rerank_head: Literal["yesno", "linear", "e2rank", "jina_v3"] = "yesno"
     e2rank_temperature: float = 0.1  # E2Rank's RankNet logits cos / t (official ranknet_scale_factor 10.0)
     e2rank_prf_k: int = 20  # E2Rank at evaluation: the PRF query holds the candidate list's top k (official 20)
     dev_e2rank: bool = True  # each dev evaluation also reranks the fixed list with E2Rank (e2rank_fixed_ndcg@10)
+    jina_temperature: float = 0.05  # jina_v3: the list's softmax logits cos / t (the paper's InfoNCE tau 0.05)
+    jina_proj_dim: int = 256  # jina_v3: the projector's output width (paper 256; the released code 512)
+    jina_block_size: int = 125  # jina_v3 at inference: documents per sequence (official rerank() block_size)
     # Matryoshka (MRL, Kusupati et al. 2022): L_emb = sum_m c_m InfoNCE on the first m dims, renormalised, over these
     # dims plus the full width (losses.matryoshka_loss); [] = off. Weights c_m per listed dim; [] = all 1 (the paper)
     matryoshka_dims: list[int] = field(default_factory=list)
@@ -298,11 +309,12 @@ class TrainSection:
         _check_text(where, f"{key}.out_dir", self.out_dir)
         check_rule(where, f"{key}.seed", self.seed, 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}]")
         _check_min(where, self, key, ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "rerank_topk",
-                                      "max_bad_steps", "e2rank_prf_k"), 1)
+                                      "max_bad_steps", "e2rank_prf_k", "jina_proj_dim",
+                                      "jina_block_size"), 1)
         _check_min(where, self, key, ("warmup_steps",), 0)
         check_rule(where, f"{key}.batch_size", self.batch_size, self.batch_size % self.grad_accum == 0,
                f"a multiple of train.grad_accum {self.grad_accum}")
-        for name in ("lr", "temperature", "clip", "e2rank_temperature"):
+        for name in ("lr", "temperature", "clip", "e2rank_temperature", "jina_temperature"):
             check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) > 0, "> 0")
         for name in ("weight_decay", "emb_weight", "rank_weight"):
             check_rule(where, f"{key}.{name}", getattr(self, name), getattr(self, name) >= 0, ">= 0")
@@ -404,6 +416,14 @@ class Config:
             check_rule(where, "model.bidirectional", self.model.bidirectional, not self.model.bidirectional,
                        "false with train.rerank_head 'e2rank' (the PRF query is read causally and pooled at its last "
                        "token, as E2Rank's decoder embedding)")
+        if t.rerank_head == "jina_v3":
+            check_rule(where, "train.rerank_loss", t.rerank_loss, t.rerank_loss == "group",
+                       "'group' with train.rerank_head 'jina_v3' (softmax CE of the positive against its list's "
+                       "negatives, the paper's listwise InfoNCE)")
+            d = self.data
+            check_rule(where, "data.jina_query_marker", d.jina_query_marker, d.jina_query_marker != d.jina_doc_marker,
+                       f"a token other than data.jina_doc_marker {d.jina_doc_marker!r} (two markers, as the "
+                       "released model's <|embed_token|> and <|rerank_token|>)")
         if self.router.tasks != TASKS:
             raise ConfigError(f"{where}: router.tasks must be {TASKS} (got {self.router.tasks})")
         try:

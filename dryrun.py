@@ -19,6 +19,7 @@ import torch.nn as nn
 import moe_lora
 from config import Config, ConfigError, adapter_config, load_config, mode_tasks
 from model import CausalLM, ModelConfig, UsageError
+from listwise import Projector
 from unimoer import DTYPES
 
 USAGE = "usage: python train.py CONFIG.yaml --dry-run [--gpus=N] [--section.key=value ...]"
@@ -41,6 +42,9 @@ def meta_model(cfg: Config) -> tuple:
     base.requires_grad_(False)
     moe_lora.attach(base, adapter_config(cfg))  # on the base's device (meta); its small index tables start on CPU
     head = nn.Linear(mcfg.hidden_size, 1, device="meta") if cfg.train.rerank_head == "linear" else None
+    if cfg.train.rerank_head == "jina_v3":
+        with torch.device("meta"):
+            head = Projector(mcfg.hidden_size, cfg.train.jina_proj_dim)
     return base, head
 
 

@@ -526,7 +526,8 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
       rerank_*     two-stage: the model's own retrieval, its top train.rerank_topk reranked by the model;
       e2rank_fixed_ndcg@10  (train.dev_e2rank) the E2Rank baseline from the embedding path on the same fixed
                    candidates (retrieval.e2rank_rerank, PRF from their top train.e2rank_prf_k).
-    With train.rerank_head e2rank the reranking path is E2Rank itself, so fixed_* and rerank_* are its figures.
+    With train.rerank_head e2rank the reranking path is E2Rank itself, so fixed_* and rerank_* are its figures;
+    with jina_v3 they are the listwise cross-encoder's (UniMoER.score_list: the list in blocks, in the given order).
     Self-hits are dropped as evaluate.py's default --drop-self auto decides (ir.resolve_drop_self)."""
     corpus, queries, qrels = dev
     k = cfg.train.rerank_topk
@@ -540,7 +541,7 @@ def dev_evaluate(um: UniMoER, dev: tuple, cfg: Config) -> dict:
            "fixed_ndcg@10": fixed["ndcg@10"], "cand_ndcg@10": cand["ndcg@10"], f"cand_recall@{k}": cand[f"recall@{k}"],
            "rerank_ndcg@10": rr["ndcg@10"], "rerank_mrr@10": rr["mrr@10"]}
     if cfg.train.dev_e2rank:  # an e2rank head's fixed_* is E2Rank already (retrieval.rerank's listwise branch)
-        e2 = fixed if um.listwise else evaluate_run(qrels, e2rank_rerank(um, queries, corpus, cands, k=k,
+        e2 = fixed if cfg.train.rerank_head == "e2rank" else evaluate_run(qrels, e2rank_rerank(um, queries, corpus, cands, k=k,
                                                                          k_prf=cfg.train.e2rank_prf_k, progress=False))
         out["e2rank_fixed_ndcg@10"] = e2["ndcg@10"]
     if cfg.train.matryoshka_dims:

@@ -9,7 +9,7 @@ the base dtype. That is the model's own output only where the task's routing ign
 (the task-routed modes: emb_only, rank_only, joint_single, hard_switch, hard_switch_shared) or always-on experts.
 A learned or RouterRetriever router (router.kind learned / retriever) routes each input by its content, so it is
 refused, and so are a quantised base (model.quant), bidirectional attention (model.bidirectional) and a reranker
-whose head is not the yes/no LM head (train.rerank_head linear / e2rank).
+whose head is not the yes/no LM head (train.rerank_head linear / e2rank / jina_v3).
 
 Directory (both tasks): config.json (the base's, with `architectures` and `torch_dtype`), model.safetensors (the
 merged CausalLM state dict under HF's parameter names; loads strictly with model.load_pretrained), the run's

@@ -295,7 +295,7 @@ RUN_ENTRIES = ("latest", "last_good", "train_log.jsonl", "metrics.jsonl", "routi
 RESUMABLE_KEYS = ("train.steps", "train.stages[*].steps", "train.eval_every", "train.save_every", "train.device",
                   "train.max_bad_steps", "train.max_update_rms", "train.rerank_topk", "train.out_dir",
                   "data.dev_queries", "data.dev_corpus", "model.grad_checkpointing", "train.dev_e2rank",
-                  "train.e2rank_prf_k")
+                  "train.e2rank_prf_k", "train.jina_block_size")
 
 
 class RunDirError(OSError):

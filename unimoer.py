@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import listwise
 import moe_lora
 import quant
 from config import (EXTEND_TASK, NLI_LABELS, RERANK_PREFIX, RERANK_SUFFIX, TASKS, Config, ConfigError,
@@ -110,6 +111,9 @@ class UniMoER(nn.Module):
         if self.nli_head is not None:
             nn.init.zeros_(self.nli_head.weight)
             nn.init.zeros_(self.nli_head.bias)
+        if cfg.train.rerank_head == "jina_v3":  # the head is Jina's projector; torch's default init (seeded)
+            self.head = listwise.Projector(base.config.hidden_size, cfg.train.jina_proj_dim)
+        self.list_tokens = listwise.ListTokens(tok, cfg) if cfg.train.rerank_head == "jina_v3" else None
         ids = lambda s: tok.encode_ids([s], 10**9, add_special_tokens=False)[0]  # noqa: E731
         self.prefix_ids, self.suffix_ids = ids(RERANK_PREFIX), ids(RERANK_SUFFIX)
         self.chat_user_ids = ids("<|im_start|>user\n")  # the user turn's opening: E2Rank's PRF query frame
@@ -235,13 +239,14 @@ class UniMoER(nn.Module):
         cos = (d.view(prf.shape[0], g, -1) * prf[:, None, :]).sum(-1)  # (b, g)
         return (cos / self.cfg.train.e2rank_temperature).reshape(-1)
 
-    def forward(self, queries=None, docs=None, pairs=None, prf=None, nli=None, nli_labels=None) -> dict:
+    def forward(self, queries=None, docs=None, pairs=None, prf=None, lists=None, nli=None, nli_labels=None) -> dict:
         """One call per step (or GradCache chunk), so DDP sees one forward per backward. Each argument is a token
         batch or None. -> "q" (b, H), "d" (b * g, H) (embedding), "scores" (b * g,) (reranking), and "aux_calls":
         the routers' aux statistics [{name: [aux_stats.AuxStat per layer]}] of each base call (queries, documents,
         pairs or PRF queries), which losses.aux_losses finalises over the units train.aux_scope names.
         prf (rerank_head e2rank): the scores are e2rank_scores of the PRF queries against the chunk's own
         documents `docs` (embedded under the embed routing, also in a rerank-only step, which has no queries).
+        lists (rerank_head jina_v3): listwise.ListTokens sequences; the scores are listwise.list_scores.
         nli (an extension): "nli_logits" (b, 3), with nli_labels (b,) passed through as "nli_labels" for the loss."""
         out, calls = {}, []
         if queries is not None:
@@ -261,6 +266,9 @@ class UniMoER(nn.Module):
             out["nli_logits"], a = self.nli_logits(nli)
             out["nli_labels"] = nli_labels.to(out["nli_logits"].device)
             calls.append(a)
+        if lists is not None:
+            out["scores"], a = listwise.list_scores(self, lists)
+            calls.append(a)
         out["aux_calls"] = calls
         return out
 
@@ -279,9 +287,9 @@ class UniMoER(nn.Module):
 
     @property
     def listwise(self) -> bool:
-        """The reranker scores a query's whole list at once (rerank_head e2rank): retrieval.rerank calls
+        """The reranker scores a query's whole list at once (rerank_head e2rank, jina_v3): retrieval.rerank calls
         score_list per query instead of score_pairs."""
-        return self.cfg.train.rerank_head == "e2rank"
+        return self.cfg.train.rerank_head in ("e2rank", "jina_v3")
 
     @torch.no_grad()
     def encode_prf(self, queries: Sequence[str], doc_lists: Sequence[Sequence[str]], batch_size: int = 16
@@ -295,15 +303,22 @@ class UniMoER(nn.Module):
     def score_list(self, query: str, docs: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """rerank_head e2rank: (n,) cos(e_q^, e_d) of each document against the PRF query built from the query
         and the list's first train.e2rank_prf_k documents (the E2Rank score; its temperature does not change the
-        order)."""
+        order). jina_v3: listwise.score_list (the query and the documents in one sequence, in blocks)."""
+        if self.list_tokens is not None:
+            was_training = self.training
+            self.eval()
+            try:
+                return listwise.score_list(self, query, docs).float().cpu().numpy()
+            finally:
+                self.train(was_training)
         prf = self.encode_prf([query], [list(docs[:self.cfg.train.e2rank_prf_k])])  # (1, H)
         return self.encode_documents(list(docs), batch_size) @ prf[0]
 
     @torch.no_grad()
     def score_pairs(self, queries: Sequence[str], docs: Sequence[str], batch_size: int = 32) -> np.ndarray:
         if self.listwise:
-            raise EvalError("train.rerank_head 'e2rank' scores a query's whole candidate list (its PRF query is "
-                            "built from the list): use score_list(query, docs), as retrieval.rerank does")
+            raise EvalError(f"train.rerank_head {self.cfg.train.rerank_head!r} scores a query's whole candidate "
+                            "list: use score_list(query, docs), as retrieval.rerank does")
         pairs = list(zip(queries, docs))
         return self._batched(lambda b: self.rerank_scores(self.tokens_pairs(*zip(*b)))[0], pairs, batch_size)
 
@@ -427,13 +442,17 @@ def batch_inputs(um: UniMoER, texts: dict, tasks: Sequence[str]) -> dict:
     """A sampler batch's texts -> UniMoER.forward's token batches: queries + docs (embed), pairs (rerank).
     Documents are grouped per query, positive first, then its data.n_neg hard negatives; pairs follow them.
     rerank_head e2rank: the rerank task gives docs (also without embed) and each query's PRF query over its
-    group in prf_order, instead of pairs."""
+    group in prf_order, instead of pairs; jina_v3: "lists", each group in prf_order in one sequence."""
     n_neg = um.cfg.data.n_neg
     docs = [x for i, p in enumerate(texts["pos"]) for x in [p] + texts["neg"][i * n_neg:(i + 1) * n_neg]]
     inputs = {}
     if "embed" in tasks:
         inputs["queries"], inputs["docs"] = um.tokens_queries(texts["query"]), um.tokens_documents(docs)
-    if "rerank" in tasks and um.listwise:
+    if "rerank" in tasks and um.list_tokens is not None:
+        groups = [docs[i * (1 + n_neg):(i + 1) * (1 + n_neg)] for i in range(len(texts["query"]))]
+        orders = [prf_order(um.cfg.train.seed, [q] + g) for q, g in zip(texts["query"], groups)]
+        inputs["lists"] = listwise.shuffled_lists(um.list_tokens, texts["query"], groups, orders)
+    elif "rerank" in tasks and um.listwise:
         groups = [docs[i * (1 + n_neg):(i + 1) * (1 + n_neg)] for i in range(len(texts["query"]))]
         orders = [prf_order(um.cfg.train.seed, [q] + g) for q, g in zip(texts["query"], groups)]
         if "docs" not in inputs:  # a rerank-only step still embeds its documents
@@ -529,7 +548,7 @@ def load_run(path: str, device: Union[str, torch.device] = "cpu", deploy: Sequen
     if um.head is not None:
         head = os.path.join(ckpt, "head.safetensors")
         if not os.path.isfile(head):
-            raise FileNotFoundError(f"{head}: missing (train.rerank_head is 'linear')")
+            raise FileNotFoundError(f"{head}: missing (train.rerank_head is {cfg.train.rerank_head!r})")
         um.head.load_state_dict(load_file(head))
     if um.nli_head is not None:
         head = os.path.join(ckpt, NLI_HEAD_FILE)

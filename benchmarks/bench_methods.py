@@ -13,7 +13,7 @@ torch.autograd.grad, that computes that tensor's gradient) and a forward pre-hoo
                     terms do not reach it: no router reads the last layer's output)
   forwards          base forward calls (3 per plain step: queries, documents, pairs)
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_methods.py [--steps 4] [--rounds 3] [--threads 1]
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_methods.py [--steps 4] [--rounds 3] [--threads 1] [--methods NAME..]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ METHODS = [  # (name, overrides): add a method with one line
     ("gradnorm", ["--train.mtl=gradnorm"]),
     ("famo", ["--train.mtl=famo"]),
     ("famo_next_step", ["--train.mtl=famo", "--train.famo_delta=next_step"]),
+    ("jina_v3", ["--train.rerank_head=jina_v3", "--train.rerank_loss=group"]),  # listwise head (listwise.py)
 ]
 
 
@@ -94,24 +95,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per method and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", metavar="NAME", help="time only these entries of METHODS (plain is "
+                    "always timed: the ratios are to it)")
     args = ap.parse_args()
+    methods = [(n, o) for n, o in METHODS if n == "plain" or args.methods is None or n in args.methods]
+    unknown = sorted(set(args.methods or ()) - {n for n, _ in METHODS})
+    if unknown:
+        ap.error(f"--methods: unknown {unknown} (known: {[n for n, _ in METHODS]})")
     os.chdir(REPO)  # the config's data.dir is relative to the repository
     torch.set_num_threads(args.threads)
     print(f"cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {CONFIG}, {args.steps} steps x {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: make_run(over, os.path.join(tmp, name)) for name, over in METHODS}
+        runs = {name: make_run(over, os.path.join(tmp, name)) for name, over in methods}
         for run, counter in runs.values():
             time_steps(run, counter, 1)  # warm-up
-        rounds = {name: [] for name, _ in METHODS}
+        rounds = {name: [] for name, _ in methods}
         for r in range(args.rounds):
-            order = [name for name, _ in METHODS][::(-1 if r % 2 else 1)]
+            order = [name for name, _ in methods][::(-1 if r % 2 else 1)]
             for name in order:
                 rounds[name].append(time_steps(*runs[name], args.steps))
     plain = [x[0] for x in rounds["plain"]]
     print(f"{'method':<16} {'ms/step':>9} {'x plain':>8} {'median x':>9} {'bwd to layer 0':>15} "
           f"{'bwd at last lin.':>17} {'forwards':>9}   (per step)")
-    for name, _ in METHODS:
+    for name, _ in methods:
         ms = [x[0] for x in rounds[name]]
         _, last, first, fwd = rounds[name][-1]
         print(f"{name:<16} {min(ms):>9.1f} {min(ms) / min(plain):>8.2f} "

@@ -9,8 +9,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first.
 ORDER = ["routing_fns", "aux_stats", "model", "quant", "generate", "router", "moe_lora", "config", "ir", "retrieval",
-         "data", "synthetic", "nli", "unimoer", "dryrun", "runs", "extend", "evaluate", "rag", "export", "losses", "mtl", "train",
-         "measures", "figures", "analysis"]
+         "data", "synthetic", "nli", "listwise", "unimoer", "dryrun", "runs", "extend", "evaluate", "rag", "export",
+         "losses", "mtl", "train", "measures", "figures", "analysis"]
 MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 
 
