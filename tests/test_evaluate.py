@@ -169,8 +169,9 @@ def test_cli_overrides_configure_a_plain_model_directory(run, task, tmp_path, ca
     assert um.tokens_documents(["ruke"])["input_ids"][0, -1].item() != um.tok.eos_id
 
 
-def test_config_overrides_on_a_run_are_one_clear_error(run):
-    with pytest.raises(ir.EvalError, match="own config.yaml"):
+def test_a_non_deployment_override_on_a_run_is_one_clear_error(run):
+    """A run is evaluated with what it trained on; only config.DEPLOY_KEYS (how the base is stored) may change."""
+    with pytest.raises(config.ConfigError, match="append_eos=false.*only the deployment settings"):
         unimoer.load_model(run, overrides=["--data.append_eos=false"])
 
 
