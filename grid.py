@@ -173,7 +173,10 @@ def plan(grid: Grid, where: str, kinds: Optional[Sequence[Kind]] = None) -> list
             for seed in grid.seeds:
                 out_dir = os.path.join(grid.out, f"{name}_s{seed}")
                 args = kind.overrides + grid.common + opts + [f"--train.seed={seed}", f"--train.out_dir={out_dir}"]
-                cfg = config.load_config(kind.config, args)
+                try:
+                    cfg = config.load_config(kind.config, args)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: run {name}_s{seed}: {e}") from None
                 state = runs.run_state(cfg)
                 if state == "finished":
                     try:
