@@ -29,6 +29,10 @@ default_rng(0)) draws S seed rows and Q query columns with replacement (the same
 queries are paired across seeds) and takes the mean m_b. 95% CI: the 2.5 / 97.5 percentiles of m_b. Two-sided
 p-value of "mean difference 0" from the null distribution m_b - m (the bootstrap shifted to mean 0):
 p = (1 + #{b : |m_b - m| >= |m|}) / (1 + B). Identical systems give p = 1; a constant gain gives 1 / (1 + B).
+With it, Almost Stochastic Order (measures.aso, Dror et al. 2019) on the two systems' per-seed mean nDCG@10, both
+ways (eps_min of "specialist better" and of "unified better"), and Bonferroni over the datasets: with m datasets
+a p counts as significant when p <= alpha / m, and ASO runs at confidence 1 - alpha / m (task_rows,
+apply_bonferroni). --compare A:B makes the same tests of mode A against mode B on each task both train.
 
 Gradients. For training batches (data.TrainSampler as train.py builds them, steps spread evenly over the run),
 L_emb = alpha * info_nce_loss and L_rank = beta * bce_loss / group_ce_loss (losses.py, as training has them) on

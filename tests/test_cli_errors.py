@@ -257,6 +257,10 @@ CASES = [
      r"nowhere: no checkpoint here"),
     ("export/learned-router", "export", ["{run}", "{tmp}/out", "--task", "embed"], {}, None,
      r"router\.kind 'learned' \(train\.mode 'joint_moe'\)"),
+    ("analysis/compare-not-a-pair", "analysis", ["interference", "{run}", "--compare", "joint_moe"], {}, None,
+     r"--compare 'joint_moe': expected A:B, two different modes of emb_only, "),
+    ("analysis/alpha-out-of-range", "analysis", ["report", "{run}", "--alpha", "1.5"], {}, None,
+     r"--alpha must be in \(0, 1\) \(got 1\.5\)$"),
     # ---- grid.py (the grid YAML; a run's config errors: tests/test_grid.py)
     ("grid/missing-file", "grid", ["{tmp}/nowhere.yaml"], {}, None, r"nowhere\.yaml: grid file not found$"),
     ("grid/unknown-key", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nsedes: [1]\n"}, None,
