@@ -296,9 +296,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print each run's state and command, run nothing")
     p.add_argument("--no-report", action="store_true", help="train only")
     a = p.parse_args(argv)
+    for flag, v in (("--jobs", a.jobs), ("--threads", a.threads)):
+        check_rule(a.grid, flag, v, v is None or v >= 1, ">= 1")
     grid = load_grid(a.grid)
-    grid.jobs, grid.threads = a.jobs or grid.jobs, a.threads or grid.threads
-    grid.validate(a.grid + " (with --jobs / --threads)")
+    grid.jobs = grid.jobs if a.jobs is None else a.jobs
+    grid.threads = grid.threads if a.threads is None else a.threads
     return run_grid(grid, a.grid, dry_run=a.dry_run, report=grid.report.enabled and not a.no_report)
 
 

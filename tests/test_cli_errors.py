@@ -271,6 +271,8 @@ CASES = [
      None, r"g\.yaml: modes\[0\] must be one of emb_only, .* \(got 'joint_moee'\)$"),
     ("grid/seeds-not-ints", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nseeds: [1, a]\n"}, None,
      r"g\.yaml: seeds\[1\]: expected int, got 'a'$"),
+    ("grid/jobs-zero", "grid", ["{tmp}/g.yaml", "--jobs", "0"], {"g.yaml": "out: o\n"}, None,
+     r"g\.yaml: --jobs must be >= 1 \(got 0\)$"),
     ("grid/yaml-syntax-error", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: [o\n"}, None, r"g\.yaml:2: not valid YAML"),
     ("grid/not-a-mapping", "grid", ["{tmp}/g.yaml"], {"g.yaml": "- out\n"}, None,
      r"g\.yaml: expected a mapping of grid keys \(out, .*\), got list$"),
