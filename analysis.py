@@ -65,8 +65,8 @@ import losses
 import moe_lora
 import train
 import unimoer
-from figures import (geometry_markdown, significance_note, gradients_markdown, interference_markdown, plot_geometry, plot_gradients,
-                     plot_interference, plot_routing, routing_markdown)
+from figures import (geometry_markdown, gradients_markdown, interference_markdown, plot_geometry, plot_gradients,
+                     plot_interference, plot_routing, routing_markdown, significance_note)
 from measures import (aso_both_ways, bonferroni, compare_to_specialist, effective_rank, expert_delta_svd,
                       gradient_cosine, linear_cka, mean_or_none, principal_angles, std_or_none)
 from model import ArgumentParser, run_cli

@@ -51,8 +51,8 @@ def interference_markdown(res: dict) -> str:
     if pairs:
         lines += ["", "| task | dataset | A vs B | Δ = A − B [95% CI] | p | sig. | ASO ε_min A≻B / B≻A |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {task} ({stage}) | {ds} | {c['a']} vs {c['b']} | {_tests(c['bootstrap'], c['aso'], c['bonferroni'])} |"
-                  for task, stage, ds, c in pairs]
+        lines += [f"| {task} ({stage}) | {ds} | {c['a']} vs {c['b']} | "
+                  f"{_tests(c['bootstrap'], c['aso'], c['bonferroni'])} |" for task, stage, ds, c in pairs]
     if any(t["stage"] == "two_stage" for tasks in res["datasets"].values() for t in tasks.values()):
         lines += ["", "rerank (two_stage): each model reranks its own retrieval, so rank_only's figure mostly "
                   "measures its first stage (its reranking expert, untrained for embedding). `--candidates auto` "

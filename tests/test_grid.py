@@ -152,7 +152,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trained, tmp_path):
     out = tmp_path / "out"
     code, stdout = call([write_grid(trained["root"], str(out)), "--dry-run"])
     assert code == 0 and not out.exists()
-    assert f"joint_moe_s1: fresh: " in stdout and f"--train.out_dir={out}/hard_switch_s2" in stdout
+    assert "joint_moe_s1: fresh: " in stdout and f"--train.out_dir={out}/hard_switch_s2" in stdout
     assert "analysis.py report" in stdout and "--compare joint_moe:hard_switch" in stdout
 
 
