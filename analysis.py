@@ -29,6 +29,10 @@ default_rng(0)) draws S seed rows and Q query columns with replacement (the same
 queries are paired across seeds) and takes the mean m_b. 95% CI: the 2.5 / 97.5 percentiles of m_b. Two-sided
 p-value of "mean difference 0" from the null distribution m_b - m (the bootstrap shifted to mean 0):
 p = (1 + #{b : |m_b - m| >= |m|}) / (1 + B). Identical systems give p = 1; a constant gain gives 1 / (1 + B).
+With it, Almost Stochastic Order (measures.aso, Dror et al. 2019) on the two systems' per-seed mean nDCG@10, both
+ways (eps_min of "specialist better" and of "unified better"), and Bonferroni over the datasets: with m datasets
+a p counts as significant when p <= alpha / m, and ASO runs at confidence 1 - alpha / m (task_rows,
+apply_bonferroni). --compare A:B makes the same tests of mode A against mode B on each task both train.
 
 Gradients. For training batches (data.TrainSampler as train.py builds them, steps spread evenly over the run),
 L_emb = alpha * info_nce_loss and L_rank = beta * bce_loss / group_ce_loss (losses.py, as training has them) on
@@ -62,10 +66,11 @@ import moe_lora
 import train
 import unimoer
 from figures import (geometry_markdown, gradients_markdown, interference_markdown, plot_geometry, plot_gradients,
-                     plot_interference, plot_routing, routing_markdown)
-from measures import (compare_to_specialist, effective_rank, expert_delta_svd, gradient_cosine, linear_cka,
-                      mean_or_none, principal_angles, std_or_none)
+                     plot_interference, plot_routing, routing_markdown, significance_note)
+from measures import (aso_both_ways, bonferroni, compare_to_specialist, effective_rank, expert_delta_svd,
+                      gradient_cosine, linear_cka, mean_or_none, principal_angles, std_or_none)
 from model import ArgumentParser, run_cli
+from runs import total_steps
 
 SPECIALIST = {"embed": "emb_only", "rerank": "rank_only"}
 METRIC = "ndcg@10"
@@ -145,11 +150,65 @@ def specialist_candidates(runs: list, data_dir, split, **eval_kwargs) -> str:
     return os.path.join(spec[0]["ckpt"], "eval", m["dataset"], "run.retrieval.trec")
 
 
+def task_rows(by_mode: dict, task: str, compare: Sequence = (), n_resamples: int = 10000, seed: int = 0,
+              n_datasets: int = 1, n_aso: int = 1000) -> tuple:
+    """One task on one dataset: by_mode {mode: {seed: (Q,) per-query values, the same queries}} -> (rows
+    {mode: row}, comparisons {"A vs B": comparison}).
+
+    A row: the mode's per-seed means, their mean and std; for a unified mode (when the task's specialist ran) TIR
+    and the paired bootstrap of specialist - unified (compare_to_specialist) and ASO both ways on the per-seed
+    means (aso_both_ways, a = the specialist, b = the unified mode, Bonferroni over the n_datasets datasets).
+    compare: (A, B) mode pairs that both have runs on this task: the same tests of A - B."""
+    spec, rows, comparisons = by_mode.get(SPECIALIST[task]), {}, {}
+    for mode, seeds in by_mode.items():
+        per_seed = [float(seeds[s].mean()) for s in sorted(seeds)]
+        row = {"role": "specialist" if mode == SPECIALIST[task] else "unified", "seeds": sorted(seeds),
+               "per_seed": per_seed, "mean": mean_or_none(per_seed), "std": std_or_none(per_seed)}
+        if row["role"] == "unified" and spec is not None:
+            row.update(compare_to_specialist(spec, seeds, n_resamples, seed))
+            row["aso"] = {"a": SPECIALIST[task], "b": mode,
+                          **aso_both_ways([float(spec[s].mean()) for s in sorted(spec)], per_seed, n_datasets,
+                                          n_aso, seed)}
+        rows[mode] = row
+    for a, b in compare:
+        if a in by_mode and b in by_mode:
+            c = compare_to_specialist(by_mode[a], by_mode[b], n_resamples, seed)
+            comparisons[f"{a} vs {b}"] = {"a": a, "b": b, "seeds_paired": c["seeds_paired"],
+                                          "bootstrap": c["bootstrap"],
+                                          "aso": {"a": a, "b": b, **aso_both_ways(rows[a]["per_seed"],
+                                                                                  rows[b]["per_seed"], n_datasets,
+                                                                                  n_aso, seed)}}
+    return rows, comparisons
+
+
+def apply_bonferroni(datasets: dict, alpha: float = 0.05) -> None:
+    """Bonferroni over datasets, in place: each test (a unified mode against its specialist, or a compared pair,
+    per task) is judged at alpha / m, m = the number of datasets where it was made; its entry gets "bonferroni":
+    {"m", "threshold", "significant"} (bootstrap p <= threshold)."""
+    tests = {}  # (task, kind, name) -> [entries, one per dataset]
+    for tasks in datasets.values():
+        for task, t in tasks.items():
+            tests_here = [("mode", m, r) for m, r in t["modes"].items() if "bootstrap" in r] + \
+                [("compare", k, c) for k, c in t["comparisons"].items()]
+            for kind, name, entry in tests_here:
+                tests.setdefault((task, kind, name), []).append(entry)
+    for entries in tests.values():
+        res = bonferroni([e["bootstrap"]["p_value"] for e in entries], alpha)
+        for e, sig in zip(entries, res["significant"]):
+            e["bonferroni"] = {"m": res["m"], "threshold": res["threshold"], "significant": sig}
+
+
 def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str] = None, candidates: Sequence = (None,),
-                 n_resamples: int = 10000, seed: int = 0, **eval_kwargs) -> dict:
-    """Per dataset and task: each mode's nDCG@10 over its seeds; for each unified mode TIR and the paired bootstrap
-    against the task's specialist (see the module docstring). -> the interference.json dict."""
+                 n_resamples: int = 10000, seed: int = 0, compare: Sequence = (), alpha: float = 0.05,
+                 n_aso: int = 1000, **eval_kwargs) -> dict:
+    """Per dataset and task: each mode's nDCG@10 over its seeds; for each unified mode TIR, the paired bootstrap
+    and ASO against the task's specialist, and the same tests for each compared pair (A, B) of modes (task_rows);
+    Bonferroni over the datasets (apply_bonferroni). See the module docstring. -> the interference.json dict."""
+    n_datasets = len(data_dirs)
     out = {"metric": METRIC, "bootstrap": {"n_resamples": n_resamples, "seed": seed, "levels": "seeds, queries"},
+           "significance": {"alpha": alpha, "datasets": n_datasets, "bonferroni": "over datasets: p <= alpha / m",
+                            "aso": {"scores": "per-seed mean nDCG@10", "n_bootstrap": n_aso, "seed": seed,
+                                    "confidence_level": 1 - alpha / n_datasets}},
            "runs": [{"path": r["path"], "mode": r["mode"], "seed": r["seed"]} for r in runs], "datasets": {}}
     for data_dir, cand in zip(data_dirs, candidates):
         if cand == "auto":
@@ -166,18 +225,13 @@ def interference(runs: list, data_dirs: Sequence = (None,), split: Optional[str]
             by_mode = {}  # mode -> {seed: (Q,) per-query values}
             for r in sorted(on_task, key=lambda r: (config.MODES.index(r["mode"]), r["seed"])):
                 by_mode.setdefault(r["mode"], {})[r["seed"]] = np.array([values[r["label"]][task][q] for q in qids])
-            spec, rows = by_mode.get(SPECIALIST[task]), {}
-            for mode, seeds in by_mode.items():
-                per_seed = [float(seeds[s].mean()) for s in sorted(seeds)]
-                row = {"role": "specialist" if mode == SPECIALIST[task] else "unified", "seeds": sorted(seeds),
-                       "per_seed": per_seed, "mean": mean_or_none(per_seed), "std": std_or_none(per_seed)}
-                if row["role"] == "unified" and spec is not None:
-                    row.update(compare_to_specialist(spec, seeds, n_resamples, seed))
-                rows[mode] = row
+            rows, comparisons = task_rows(by_mode, task, compare, n_resamples, seed, n_datasets, n_aso)
             stage = "retrieval" if task == "embed" else "rerank" if cand else "two_stage"  # evaluate.py's stages
             tasks[task] = {"stage": stage, "candidates": cand if task == "rerank" else None,
-                           "specialist": SPECIALIST[task], "num_queries": len(qids), "modes": rows}
+                           "specialist": SPECIALIST[task], "num_queries": len(qids), "modes": rows,
+                           "comparisons": comparisons}
         out["datasets"][name] = tasks
+    apply_bonferroni(out["datasets"], alpha)
     return out
 
 
@@ -228,7 +282,7 @@ def gradient_conflict(run: dict, n_batches: int = 8, base_probe: bool = True) ->
     cfg, t = um.cfg, um.cfg.train
     examples = train.train_examples(cfg)
     sampler = data.TrainSampler(examples, t.batch_size // t.grad_accum, cfg.data.n_neg, t.seed)
-    total = sum(st.steps for st in t.stages) if t.stages else t.steps
+    total = total_steps(cfg)
     steps = sorted(set(np.linspace(0, total - 1, n_batches).round().astype(int).tolist()))
     group = 1 + cfg.data.n_neg
     rank_fn = losses.bce_loss if t.rerank_loss == "bce" else losses.group_ce_loss
@@ -375,8 +429,8 @@ def geometry(runs: list, texts: tuple) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None,), n_batches: int = 8,
-           n_texts: int = 64, n_resamples: int = 10000, seed: int = 0, base_probe: bool = True,
-           **eval_kwargs) -> str:
+           n_texts: int = 64, n_resamples: int = 10000, seed: int = 0, base_probe: bool = True, compare=(),
+           alpha: float = 0.05, n_aso: int = 1000, **eval_kwargs) -> str:
     """All four analyses into <out>: report.md, their JSON files and PNG plots. -> the path of report.md.
 
     Interference and CKA across configurations use every run; gradients (unified modes), routing, spectra and
@@ -392,7 +446,7 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     os.makedirs(out, exist_ok=True)
     picked = first_per_mode(runs)
     texts = dict(eval_texts(runs[0]["cfg"], d, split, n_texts) for d in data_dirs)
-    inter = interference(runs, data_dirs, split, candidates, n_resamples, seed, **eval_kwargs)
+    inter = interference(runs, data_dirs, split, candidates, n_resamples, seed, compare, alpha, n_aso, **eval_kwargs)
     grads = [gradient_conflict(r, n_batches, base_probe) for r in picked if len(config.mode_tasks(r["mode"])) == 2]
     routs = [routing(r, texts) for r in picked]
     geo = geometry(runs, next(iter(texts.values())))
@@ -410,7 +464,8 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
     md += ["", "## Task interference", "",
            "nDCG@10 per configuration (mean ± std over seeds); TIR = (specialist − unified) / specialist, > 0 "
            "means the unified model is worse; Δ and its 95% CI from a paired bootstrap over seeds and queries "
-           f"({n_resamples} resamples), p two-sided.", "", interference_markdown(inter), "![](interference.png)", "",
+           f"({n_resamples} resamples), p two-sided.", "", significance_note(inter), "", interference_markdown(inter),
+           "![](interference.png)", "",
            "## Gradient conflict", "", "cos(∇L_emb, ∇L_rank) on tensors both tasks reach, over training batches; "
            "base = the frozen weights as a probe.", "", gradients_markdown(grads) if grads else "No unified run.", ""]
     md += ["![](gradient_cosine.png)", ""] if grads else []
@@ -424,6 +479,14 @@ def report(runs: list, out: str, data_dirs=(None,), split=None, candidates=(None
 # ------------------------------------------------------------------------------------------------ command line
 def _write_json(path: str, obj) -> None:
     ir.write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def parse_compare(text: str) -> tuple:
+    """--compare A:B -> (A, B), two different modes."""
+    pair = tuple(text.split(":"))
+    if len(pair) != 2 or pair[0] == pair[1] or not all(m in config.MODES for m in pair):
+        raise AnalysisError(f"--compare {text!r}: expected A:B, two different modes of {', '.join(config.MODES)}")
+    return pair
 
 
 def _write(out: str, name: str, res, md: str) -> None:
@@ -448,6 +511,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                             "--data; 'auto': the emb_only run's own retrieval (lowest seed)")
             sp.add_argument("--resamples", type=int, default=10000)
             sp.add_argument("--bootstrap-seed", type=int, default=0)
+            sp.add_argument("--compare", action="append", default=[], metavar="A:B",
+                            help="also test mode A against mode B on each task both train (repeatable)")
+            sp.add_argument("--alpha", type=float, default=0.05, help="familywise level, Bonferroni over datasets")
+            sp.add_argument("--aso-bootstrap", type=int, default=1000, help="ASO's bootstrap resamples")
             sp.add_argument("--max-queries", type=int, default=None)
             sp.add_argument("--batch-size", type=int, default=None)
         if c in ("gradients", "report"):
@@ -456,7 +523,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if c in ("routing", "geometry", "report"):
             sp.add_argument("--n", type=int, default=64, help="dev queries (each with a relevant document)")
     a = p.parse_args(argv)
-    for name in ("resamples", "batches", "n", "max_queries", "batch_size"):
+    compare = [parse_compare(c) for c in getattr(a, "compare", [])]
+    if not 0 < getattr(a, "alpha", 0.05) < 1:
+        raise AnalysisError(f"--alpha must be in (0, 1) (got {a.alpha})")
+    for name in ("resamples", "batches", "n", "max_queries", "batch_size", "aso_bootstrap"):
         if getattr(a, name, None) is not None and getattr(a, name) < 1:
             raise AnalysisError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
     runs = load_runs(a.ckpts)
@@ -469,8 +539,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if a.cmd in ("routing", "geometry"):
         texts = dict(eval_texts(runs[0]["cfg"], d, a.split, a.n) for d in data_dirs)
     if a.cmd == "interference":
-        res = interference(runs, data_dirs, a.split, candidates, a.resamples, a.bootstrap_seed, **eval_kwargs)
-        _write(a.out, "interference", res, interference_markdown(res))
+        res = interference(runs, data_dirs, a.split, candidates, a.resamples, a.bootstrap_seed, compare, a.alpha,
+                           a.aso_bootstrap, **eval_kwargs)
+        _write(a.out, "interference", res, significance_note(res) + "\n\n" + interference_markdown(res))
     elif a.cmd == "gradients":
         res = [gradient_conflict(r, a.batches, not a.no_base_probe) for r in runs]
         _write(a.out, "gradients", res, gradients_markdown(res))
@@ -482,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _write(a.out, "geometry", res, geometry_markdown(res))
     else:
         path = report(runs, a.out, data_dirs, a.split, candidates, a.batches, a.n, a.resamples,
-                      a.bootstrap_seed, not a.no_base_probe, **eval_kwargs)
+                      a.bootstrap_seed, not a.no_base_probe, compare, a.alpha, a.aso_bootstrap, **eval_kwargs)
         print(open(path).read())
         print(f"wrote {path}")
 

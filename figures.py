@@ -13,21 +13,46 @@ def _f(x, digits: int = 3, signed: bool = False) -> str:
     return "—" if x is None else f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+def significance_note(res: dict) -> str:
+    """What the significance columns are and what is corrected (interference's "significance" entry)."""
+    sig = res["significance"]
+    m, alpha = sig["datasets"], sig["alpha"]
+    return (f"Significance at familywise α = {alpha}, Bonferroni over the {m} dataset{'s' if m > 1 else ''} "
+            f"compared: a bootstrap p is significant (✓) when p ≤ α / {m} = {alpha / m:.4g}. ASO (Almost Stochastic "
+            f"Order, Dror et al. 2019) on the per-seed mean nDCG@10, at confidence 1 − α / {m} = "
+            f"{sig['aso']['confidence_level']:.4g} ({sig['aso']['n_bootstrap']} bootstrap resamples), both ways: "
+            "ε_min(A ≻ B) < 0.5 says A is almost stochastically better than B, 0 that A dominates; A is the specialist "
+            "(the first term of Δ) in the mode table, the first named mode in a comparison. Not corrected: the "
+            "several modes, tasks and comparisons within a dataset.")
+
+
+def _tests(b: dict, aso: dict, bonf: dict) -> str:
+    """'Δ [95% CI] | p | sig. | ASO ε_min A≻B / B≻A' cells of one test."""
+    return (f"{_f(b['mean'], signed=True)} [{_f(b['ci95'][0], signed=True)}, {_f(b['ci95'][1], signed=True)}] | "
+            f"{_f(b['p_value'], 4)} | {'✓' if bonf['significant'] else '–'} | "
+            f"{_f(aso['eps_min_a_over_b'], 2)} / {_f(aso['eps_min_b_over_a'], 2)}")
+
+
 def interference_markdown(res: dict) -> str:
     lines = ["| task | dataset | mode | seeds | nDCG@10 mean ± std | TIR mean ± std | Δ = spec − unified [95% CI] "
-             "| p |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| p | sig. | ASO ε_min spec≻uni / uni≻spec |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    pairs = []
     for ds, tasks in res["datasets"].items():
         for task, t in tasks.items():
             for mode, row in t["modes"].items():
                 b = row.get("bootstrap")
                 tir = f"{_f(row['tir_mean'], signed=True)} ± {_f(row['tir_std'])}" if "tir_mean" in row else \
                     ("(specialist)" if row["role"] == "specialist" else "no specialist run")
-                delta = "" if not b else \
-                    f"{_f(b['mean'], signed=True)} [{_f(b['ci95'][0], signed=True)}, {_f(b['ci95'][1], signed=True)}]"
+                tests = _tests(b, row["aso"], row["bonferroni"]) if b else " | | |"
                 lines.append(f"| {task} ({t['stage']}) | {ds} | {mode} | {','.join(map(str, row['seeds']))} | "
-                             f"{_f(row['mean'])} ± {_f(row['std'])} | {tir} | {delta} | "
-                             f"{_f(b['p_value'], 4) if b else ''} |")
+                             f"{_f(row['mean'])} ± {_f(row['std'])} | {tir} | {tests} |")
+            pairs += [(task, t["stage"], ds, c) for c in t.get("comparisons", {}).values()]
+    if pairs:
+        lines += ["", "| task | dataset | A vs B | Δ = A − B [95% CI] | p | sig. | ASO ε_min A≻B / B≻A |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {task} ({stage}) | {ds} | {c['a']} vs {c['b']} | "
+                  f"{_tests(c['bootstrap'], c['aso'], c['bonferroni'])} |" for task, stage, ds, c in pairs]
     if any(t["stage"] == "two_stage" for tasks in res["datasets"].values() for t in tasks.values()):
         lines += ["", "rerank (two_stage): each model reranks its own retrieval, so rank_only's figure mostly "
                   "measures its first stage (its reranking expert, untrained for embedding). `--candidates auto` "

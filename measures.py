@@ -147,6 +147,18 @@ def bonferroni(p_values: Sequence[float], alpha: float = 0.05) -> dict:
             "significant": [bool(p <= threshold) for p in p_values]}
 
 
+def aso_both_ways(scores_a, scores_b, num_comparisons: int = 1, n_bootstrap: int = 1000, seed: int = 0,
+                  confidence_level: float = 0.95) -> dict:
+    """aso in both directions on the same scores (e.g. the per-seed means of two modes): eps_min of "A is better"
+    and of "B is better" (the statistic is not symmetric, and a report should not pick the direction after seeing
+    the means). -> {"eps_min_a_over_b", "eps_min_b_over_a", "confidence_level" (after Bonferroni over
+    num_comparisons), "n_bootstrap", "seed"}."""
+    ab = aso(scores_a, scores_b, confidence_level, num_comparisons, n_bootstrap, seed=seed)
+    ba = aso(scores_b, scores_a, confidence_level, num_comparisons, n_bootstrap, seed=seed)
+    return {"eps_min_a_over_b": ab["eps_min"], "eps_min_b_over_a": ba["eps_min"],
+            "confidence_level": ab["confidence_level"], "n_bootstrap": n_bootstrap, "seed": seed}
+
+
 def compare_to_specialist(spec: dict, uni: dict, n_resamples: int = 10000, seed: int = 0) -> dict:
     """spec, uni: {seed: (Q,) per-query metric, the same queries in the same order} -> TIR per seed + bootstrap."""
     spec_seeds, uni_seeds = sorted(spec), sorted(uni)

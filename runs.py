@@ -265,6 +265,33 @@ def load_trainer_state(ckpt: str, um: UniMoER, opt, mtl=None) -> tuple:
     return state["step"], state["bad_steps"]
 
 
+def total_steps(cfg: Config) -> int:
+    """The steps a run trains: the stages' sum, else train.steps."""
+    t = cfg.train
+    return sum(st.steps for st in t.stages) if t.stages else t.steps
+
+
+def latest_step(out_dir: str) -> Optional[int]:
+    """The step of the checkpoint `latest` names, or None when the directory has none."""
+    name = _read_name(os.path.join(out_dir, "latest"))
+    return int(name.rsplit("-", 1)[1]) if name else None
+
+
+def run_state(cfg: Config) -> str:
+    """What train.out_dir holds for this config: "finished" (its `latest` checkpoint is at total_steps(cfg): the
+    final save, which follows the final dev evaluation), "started" (a checkpoint before that: continue with
+    --resume), "empty" (no checkpoint, but logs or config.yaml of a run killed before its first save: nothing to
+    keep, start afresh with --overwrite) or "fresh" (nothing of a run)."""
+    out = cfg.train.out_dir
+    step = latest_step(out)
+    if step is not None:
+        return "finished" if step >= total_steps(cfg) else "started"
+    if os.path.isdir(out) and any(e in RUN_ENTRIES or e.startswith("checkpoint-") or e == "config.yaml"
+                                  for e in os.listdir(out)):
+        return "empty"
+    return "fresh"
+
+
 # --------------------------------------------------------------------------------------------- jsonl logs
 def truncate_jsonl(path: str, step: int) -> None:
     """Drop lines logged after `step` (by a run killed after its last checkpoint), so a resume does not repeat."""

@@ -45,7 +45,7 @@ from evaluate import dev_evaluate, dev_routing_texts, load_dev
 from losses import TASK_WEIGHT_KEYS, aux_losses, aux_terms, logged_values, task_losses, total_loss
 from model import UsageError, load_tokenizer, run_cli
 from runs import (append_jsonl, copy_dir_atomically, last_good_checkpoint, load_trainer_state, open_run_dir,
-                  save_checkpoint, save_config, tiny_base_cache_dir, truncate_jsonl, write_tiny_base)
+                  save_checkpoint, save_config, tiny_base_cache_dir, total_steps, truncate_jsonl, write_tiny_base)
 from unimoer import (UniMoER, autocast_for, batch_inputs, build_model, check_lengths, checkpoint_dir,
                      has_learned_router, pilot_inputs, routing_snapshot, setup_distributed, trainable_parameters)
 
@@ -525,9 +525,9 @@ def setup_run(cfg: Config, resume: bool, rank: int, world: int, device: torch.de
     else:
         sampler = data.TrainSampler(examples, per_micro, cfg.data.n_neg, t.seed, rank, world)
     dev = load_dev(cfg) if rank == 0 else None
-    total_steps = sum(st.steps for st in t.stages) if t.stages else t.steps
+    total = total_steps(cfg)
     routing_texts = dev_routing_texts(dev) if rank == 0 and has_learned_router(um) else None
-    run = RunState(cfg, um, model, params, opt, examples, sampler, total_steps, dev, routing_texts, rank, world,
+    run = RunState(cfg, um, model, params, opt, examples, sampler, total, dev, routing_texts, rank, world,
                    mtl=mtl.build_method(cfg, device), nli_dev=extend.load_nli_dev(cfg) if ext and rank == 0 else None)
     if resume:
         run.step, run.bad_steps = load_trainer_state(checkpoint_dir(t.out_dir), um, opt, run.mtl)

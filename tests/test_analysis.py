@@ -169,6 +169,32 @@ def test_expert_delta_svd_equals_the_svd_of_the_dense_delta():
         np.testing.assert_allclose(measures.principal_angles(u, dense.numpy()), 0.0, atol=1e-6)
 
 
+# --------------------------------------------------------------------------------------------- significance entries
+def test_task_rows_tests_a_unified_mode_against_its_specialist_with_aso_over_datasets():
+    rng = np.random.default_rng(0)
+    spec = {s: rng.random(6) for s in (1, 2, 3)}
+    uni = {s: v - 0.05 for s, v in spec.items()}
+    rows, comparisons = analysis.task_rows({"emb_only": spec, "joint_moe": uni}, "embed", n_resamples=100,
+                                           n_datasets=3, n_aso=200)
+    aso = rows["joint_moe"]["aso"]
+    spec_means, uni_means = [float(spec[s].mean()) for s in (1, 2, 3)], [float(uni[s].mean()) for s in (1, 2, 3)]
+    ref = measures.aso(spec_means, uni_means, num_comparisons=3, n_bootstrap=200, seed=0)
+    assert (aso["a"], aso["b"]) == ("emb_only", "joint_moe") and aso["eps_min_a_over_b"] == ref["eps_min"]
+    assert aso["confidence_level"] == pytest.approx(1 - 0.05 / 3)
+    assert rows["joint_moe"]["bootstrap"]["mean"] == pytest.approx(0.05) and comparisons == {}
+
+
+def test_bonferroni_is_over_the_datasets_of_each_test():
+    def entry(p):
+        return {"modes": {"joint_moe": {"bootstrap": {"p_value": p}}}, "comparisons": {}}
+    datasets = {"a": {"embed": entry(0.02)}, "b": {"embed": entry(0.03)}}
+    analysis.apply_bonferroni(datasets, alpha=0.05)
+    # two datasets: threshold 0.025, so 0.02 passes and 0.03 (< 0.05 alone) does not
+    assert datasets["a"]["embed"]["modes"]["joint_moe"]["bonferroni"] == {"m": 2, "threshold": 0.025,
+                                                                        "significant": True}
+    assert datasets["b"]["embed"]["modes"]["joint_moe"]["bonferroni"]["significant"] is False
+
+
 # --------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

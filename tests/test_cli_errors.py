@@ -23,6 +23,7 @@ import analysis
 import data
 import evaluate
 import export
+import grid
 import synthetic
 import tiny_setup
 import train
@@ -57,7 +58,7 @@ def tree_digest(path: str) -> dict:
 
 
 CLIS = {"train": train.cli, "evaluate": evaluate.cli, "analysis": analysis.cli, "data": data.cli,
-        "synthetic": synthetic.cli, "export": export.cli}
+        "synthetic": synthetic.cli, "export": export.cli, "grid": grid.cli}
 RUN_FILE = {"run.trec": "q00000 Q0 d00001 1 1.0 tag\n"}  # a TREC run, as evaluate.py writes it
 
 CYCLE_A, CYCLE_B = "base: b.yaml\n", "base: a.yaml\n"
@@ -282,6 +283,25 @@ CASES = [
      r"nowhere: no checkpoint here"),
     ("export/learned-router", "export", ["{run}", "{tmp}/out", "--task", "embed"], {}, None,
      r"router\.kind 'learned' \(train\.mode 'joint_moe'\)"),
+    ("analysis/compare-not-a-pair", "analysis", ["interference", "{run}", "--compare", "joint_moe"], {}, None,
+     r"--compare 'joint_moe': expected A:B, two different modes of emb_only, "),
+    ("analysis/alpha-out-of-range", "analysis", ["report", "{run}", "--alpha", "1.5"], {}, None,
+     r"--alpha must be in \(0, 1\) \(got 1\.5\)$"),
+    # ---- grid.py (the grid YAML; a run's config errors: tests/test_grid.py)
+    ("grid/missing-file", "grid", ["{tmp}/nowhere.yaml"], {}, None, r"nowhere\.yaml: grid file not found$"),
+    ("grid/unknown-key", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nsedes: [1]\n"}, None,
+     r"g\.yaml: unknown key 'sedes' \(known keys: out, config, modes,"),
+    ("grid/unknown-report-key", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nreport: {dta: [x]}\n"}, None,
+     r"g\.yaml: report: unknown key 'dta'"),
+    ("grid/unknown-mode", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nconfig: c.yaml\nmodes: [joint_moee]\n"},
+     None, r"g\.yaml: modes\[0\] must be one of emb_only, .* \(got 'joint_moee'\)$"),
+    ("grid/seeds-not-ints", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: o\nseeds: [1, a]\n"}, None,
+     r"g\.yaml: seeds\[1\]: expected int, got 'a'$"),
+    ("grid/jobs-zero", "grid", ["{tmp}/g.yaml", "--jobs", "0"], {"g.yaml": "out: o\n"}, None,
+     r"g\.yaml: --jobs must be >= 1 \(got 0\)$"),
+    ("grid/yaml-syntax-error", "grid", ["{tmp}/g.yaml"], {"g.yaml": "out: [o\n"}, None, r"g\.yaml:2: not valid YAML"),
+    ("grid/not-a-mapping", "grid", ["{tmp}/g.yaml"], {"g.yaml": "- out\n"}, None,
+     r"g\.yaml: expected a mapping of grid keys \(out, .*\), got list$"),
 ]
 
 

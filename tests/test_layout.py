@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first.
 ORDER = ["routing_fns", "aux_stats", "model", "quant", "generate", "router", "moe_lora", "config", "ir", "retrieval",
          "data", "synthetic", "nli", "listwise", "unimoer", "dryrun", "runs", "extend", "evaluate", "rag", "export",
-         "losses", "mtl", "train", "measures", "figures", "analysis"]
+         "losses", "mtl", "train", "measures", "figures", "analysis", "grid"]
 MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 
 
