@@ -110,7 +110,7 @@ def test_runner_grid_covers_every_mode_and_seed(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/run_experiments.py", "--exp", "1", "--seeds", "1", "2",
                           "--out", str(tmp_path), "--dry-run"], cwd=REPO, env=SUBPROCESS_ENV, check=True,
                          capture_output=True, text=True).stdout
-    trains = [ln for ln in out.splitlines() if " train.py " in ln]
+    trains = [ln for ln in out.splitlines() if "train.py " in ln]  # the command names train.py by its absolute path
     assert len(trains) == 7 * 2
     for mode in config.MODES:
         for seed in (1, 2):
@@ -123,7 +123,7 @@ def test_runner_whole_set_trains_each_specialist_once(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/run_experiments.py", "--exp", "1", "2", "3", "--seeds", "1",
                           "2", "--out", str(tmp_path), "--dry-run", "--jobs", "2"], cwd=REPO, env=SUBPROCESS_ENV,
                          check=True, capture_output=True, text=True).stdout
-    trains = [ln for ln in out.splitlines() if " train.py " in ln]
+    trains = [ln for ln in out.splitlines() if "train.py " in ln]  # the command names train.py by its absolute path
     assert len(trains) == (7 + 7 + 2) * 2
     for spec in ("emb_only", "rank_only"):
         runs = [ln for ln in trains if f"tiny_{spec}.yaml" in ln]
