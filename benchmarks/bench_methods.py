@@ -45,6 +45,9 @@ METHODS = [  # (name, overrides): add a method with one line
     ("famo", ["--train.mtl=famo"]),
     ("famo_next_step", ["--train.mtl=famo", "--train.famo_delta=next_step"]),
     ("jina_v3", ["--train.rerank_head=jina_v3", "--train.rerank_loss=group"]),  # listwise head (listwise.py)
+    ("e2rank", ["--train.mode=joint_single", "--train.rerank_head=e2rank", "--train.rerank_loss=ranknet",
+                "--train.rank_weight=2.0"]),  # configs/tiny_e2rank.yaml: one LoRA, PRF queries through the embedder
+    ("matryoshka", ["--train.matryoshka_dims=[16,32,64]"]),  # configs/tiny_matryoshka.yaml
 ]
 
 
