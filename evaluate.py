@@ -47,6 +47,7 @@ import torch.distributed as dist
 import data
 import extend
 import moe_lora
+import quant
 from config import Config
 from ir import (DROP_SELF, EvalError, drop_self_hits, evaluate_run, judged_queries, read_trec_run, resolve_drop_self,
                 write_text_atomic, write_trec_run)
@@ -78,7 +79,8 @@ def task_experts(moe_cfg, task: str) -> list:
 
 
 def param_costs(um) -> dict:
-    """Parameter bytes (numel x element size) of the unified model against two separate single-task models.
+    """Parameter bytes (numel x element size; a quantised base's integer codes, scales and zero points, which are
+    buffers, included) of the unified model against two separate single-task models.
 
     unified    = base + every expert + routers + linear reranking head (if any): what UniMoER serves.
     two_models = 2 x base + the embedding model's experts + the reranking model's experts (+ head): the same
@@ -90,6 +92,7 @@ def param_costs(um) -> dict:
     adapters = moe_lora.adapter_state_dict(um.base) if moe_cfg is not None else {}
     adapter_ids = {id(t) for t in adapters.values()}
     base = sum(nbytes(p) for p in um.base.parameters() if id(p) not in adapter_ids)  # tied weights counted once
+    base += sum(nbytes(b) for b in quant.code_tensors(um.base))  # a quantised base's codes, scales, zeros
     routers = sum(nbytes(t) for k, t in adapters.items() if not k.endswith((".lora_A", ".lora_B")))
     head = sum(nbytes(p) for p in um.head.parameters()) if um.head is not None else 0
     experts = {e.name: 0 for e in (moe_cfg.experts if moe_cfg is not None else [])}

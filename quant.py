@@ -241,6 +241,12 @@ def quantize_model(model: CausalLM, scheme: str, group_size: int = 128, where: s
     return model
 
 
+def code_tensors(model: nn.Module) -> list:
+    """The buffers every QuantLinear in model holds (codes, scales, zero points, bias): what a quantised base
+    stores in place of its weight parameters (evaluate.param_costs, rag.held_param_bytes count them)."""
+    return [b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers()]
+
+
 def quant_scheme(model) -> Optional[dict]:
     """{"scheme", "group_size"} of a quantised base, None for a float one."""
     return getattr(model, "quant_config", None)

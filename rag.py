@@ -54,6 +54,7 @@ import torch
 
 import data
 import moe_lora
+import quant
 from evaluate import git_commit, param_costs, peak_memory, stage_timer
 from generate import generate
 from ir import EvalError, has_answer, qa_scores, rank_documents, write_text_atomic
@@ -156,11 +157,11 @@ def load_models(ckpt: str, reranker: Optional[str] = None, generator: Optional[s
 
 
 def held_param_bytes(models: RagModels) -> int:
-    """Bytes (numel x element size) of every distinct parameter tensor of the loaded models, each counted once:
-    one UniMoER gives evaluate.param_costs(um)["unified_bytes"]."""
+    """Bytes (numel x element size) of every distinct parameter and buffer tensor (a quantised base's codes) of the
+    loaded models, each counted once: one UniMoER gives evaluate.param_costs(um)["unified_bytes"]."""
     seen = {}
     for m in (models.retriever, models.reranker, models.generator):
-        for p in m.parameters():
+        for p in [*m.parameters(), *quant.code_tensors(m)]:
             seen[id(p)] = p.numel() * p.element_size()
     return sum(seen.values())
 

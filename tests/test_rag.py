@@ -292,3 +292,16 @@ def test_a_run_deployed_with_int8_keeps_its_experts_over_a_quantised_base(run):
     a, b = fp32.encode_documents(texts), int8.encode_documents(texts)
     assert 0 < abs(a - b).max() < 0.05
     assert int8.cfg.model.quant == "int8" and info["kind"] == "checkpoint"
+
+
+def test_the_cost_of_a_quantised_base_counts_its_codes_scales_and_zeros(run):
+    """param_costs / held_param_bytes: the int4 base is its float tensors (embeddings, norms) plus, per quantised
+    linear, out * ceil(in / 2) code bytes, fp32 scales and uint8 zero points (out, in / group) — written out here."""
+    um, _ = unimoer.load_model(run, overrides=["--model.quant=int4", "--model.quant_group=8"])
+    lins = [m.base_linear for m in um.base.modules() if isinstance(m, moe_lora.MoELoRALinear)]
+    adapters = {id(t) for t in moe_lora.adapter_state_dict(um.base).values()}
+    floats = sum(p.numel() * p.element_size() for p in um.base.parameters() if id(p) not in adapters)
+    codes = sum(q.out_features * ((q.in_features + 1) // 2 + (4 + 1) * (q.in_features // 8)) for q in lins)
+    assert evaluate.param_costs(um)["base_bytes"] == floats + codes
+    models = rag.RagModels(um, um, um.base, um.tok, {})
+    assert rag.held_param_bytes(models) == evaluate.param_costs(um)["unified_bytes"]
