@@ -26,6 +26,7 @@ from config import NLI_LABELS
 from data import DataError, _jsonl, build_dir_atomically
 from ir import write_text_atomic
 from model import ArgumentParser, run_cli
+from synthetic import made_up_words
 
 SNLI_FIELDS = {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label", "id": "pairID"}
 NO_MAJORITY = "-"  # SNLI / MultiNLI gold_label when the annotators had no majority: skipped
@@ -78,18 +79,15 @@ def majority_accuracy(train: Sequence[dict], dev: Sequence[dict]) -> float:
 # So entity overlap separates neutral from the rest, and entailment from contradiction needs the synonym pairs,
 # which only the training data teaches: the hypothesis's value word never occurs in its premise. Words are made of
 # the synthetic retrieval task's syllables, so the tiny base's tokenizer reads them in a few tokens.
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 _FILLER = "the a report notes that this record shows our team saw some new old data".split()
 
 
 def _words(rng: random.Random, n: int, seen: set) -> list:
-    out = []
-    while len(out) < n:
-        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out
+    """n made-up words (synthetic.made_up_words: the retrieval task's syllables, so the tiny base's tokenizer reads
+    them in a few tokens) not in `seen`, which then holds them too."""
+    words = made_up_words(rng, n, seen)
+    seen.update(words)
+    return words
 
 
 def synthetic_nli_examples(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_entities: int = 120,

@@ -46,7 +46,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
-def _made_up_words(rng: random.Random, n: int, reserved: set) -> list:
+def made_up_words(rng: random.Random, n: int, reserved: set) -> list:
     words, seen = [], set(reserved)
     while len(words) < n:
         w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
@@ -147,9 +147,9 @@ def _lexicon(rng: random.Random, n_concepts: int, n_forms: int, shared_stems: bo
     reserved = set(DOC_FILLER) | set(QUERY_FILLER) | {"yes", "no"}
     if shared_stems:  # a concept's forms are stem-suffix compounds ("tova-mi" / "tova-ku"): whole words differ,
         # subword tokens share the stem, so a model can learn the task quickly while word overlap cannot solve it
-        stems = _made_up_words(rng, n_concepts, reserved)
+        stems = made_up_words(rng, n_concepts, reserved)
         return [[f"{stem}-{suf}" for suf in rng.sample(_SYLLABLES, n_forms)] for stem in stems]
-    words = _made_up_words(rng, n_concepts * n_forms, reserved)  # unrelated made-up synonyms: much harder
+    words = made_up_words(rng, n_concepts * n_forms, reserved)  # unrelated made-up synonyms: much harder
     return [words[c * n_forms:(c + 1) * n_forms] for c in range(n_concepts)]
 
 
